@@ -17,14 +17,12 @@ import typing
 
 
 def build_parser(config_cls, description: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind = hints[f.name]
-        help_text = f.metadata.get("help", " ")  # " " so the default is still printed
+        help_text = (f.metadata.get("help", "") + " (default: %(default)s)").strip()
         kwargs = dict(default=default, help=help_text)
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]

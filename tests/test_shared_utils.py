@@ -32,7 +32,8 @@ def test_config_help_lists_every_field_with_default():
     text = build_parser(Cfg).format_help()
     for name in ("--batch_size", "--learning_rate", "--compile", "--top_k", "--data"):
         assert name in text
-    assert "peak learning rate" in text and "default: 0.001" in text
+    assert "peak learning rate (default: 0.001)" in text
+    assert "(default: 8)" in text and "(default: shakespeare)" in text  # fields without help text too
 
 
 def test_config_rejects_bad_values(capsys):
