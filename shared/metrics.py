@@ -6,10 +6,9 @@ import math
 import os
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # write PNG files; never needs a screen
-import matplotlib.pyplot as plt  # noqa: E402
+# A bare Figure (not pyplot) draws straight to a PNG file: no screen needed, and the global
+# matplotlib backend is left alone, so plots still show inline in notebooks.
+from matplotlib.figure import Figure
 
 
 class MetricsLogger:
@@ -43,7 +42,8 @@ def plot_loss(records: list[dict], path: str | os.PathLike, title: str = "loss",
     """Plot every `*loss*` column of `records` against `x` and save a PNG."""
     path = Path(path)
     keys = sorted({k for r in records for k in r if "loss" in k})
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.add_subplot()
     for key in keys:
         points = [(r[x], r[key]) for r in records if r.get(key) is not None and x in r]
         if points:
@@ -57,5 +57,4 @@ def plot_loss(records: list[dict], path: str | os.PathLike, title: str = "loss",
         ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path
