@@ -138,8 +138,8 @@ def train(cfg: TrainConfig):
 
     train_data, val_data = train_val_split(encode_tensor(load_text(cfg.data)))
     if len(val_data) <= cfg.block_size:
-        raise ValueError(f"--data gives only {len(val_data)} bytes of validation text (the last 10%); "
-                         f"it needs more than --block_size {cfg.block_size}. Use a longer text or a smaller block_size.")
+        raise ValueError(f"--data gives only {len(val_data)} bytes of validation text (the last 10%); it needs "
+                         f"more than --block_size {cfg.block_size}. Use a longer text or a smaller block_size.")
 
     model_config = GPTConfig(block_size=cfg.block_size, vocab_size=VOCAB_SIZE, n_layer=cfg.n_layer,
                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)

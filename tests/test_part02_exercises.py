@@ -8,7 +8,9 @@ from tests.harness import Exercise, exercise_tests
 
 # --- ex01: UTF-8 by hand -----------------------------------------------------------------------
 
-UTF8_TEXTS = ["", "hello", "é", "€", "😀", "naïve café — ∑ 😀", "\x7f\x80\u07ff\u0800\uffff\U00010000\U0010ffff"]
+# every length class, and the first and last code point of each: 1, 2, 3 and 4 bytes
+UTF8_TEXTS = ["", "hello", "é", "€", "😀", "naïve café — ∑ 😀",
+              "\x7f\x80\u07ff\u0800\uffff\U00010000\U0010ffff"]
 
 
 def check_ex01_utf8_encode(fn):
@@ -18,8 +20,12 @@ def check_ex01_utf8_encode(fn):
 
 
 def _utf8_without_4_byte_case(text):  # characters beyond U+FFFF squeezed into the 3-byte form
-    return [b for ch in text for b in (ch.encode("utf-8") if ord(ch) < 0x10000 else
-                                       [0xE0 | (ord(ch) >> 12) & 0xFF, 0x80 | ((ord(ch) >> 6) & 0x3F), 0x80 | (ord(ch) & 0x3F)])]
+    out = []
+    for ch in text:
+        cp = ord(ch)
+        out += ch.encode("utf-8") if cp < 0x10000 else [0xE0 | (cp >> 12) & 0xFF, 0x80 | ((cp >> 6) & 0x3F),
+                                                        0x80 | (cp & 0x3F)]
+    return out
 
 
 # --- ex02: batches with the shift -----------------------------------------------------------------
@@ -213,7 +219,8 @@ def _decay_with_duplicates(model):
 
 def check_ex07_clip_grad_norm(fn):
     gen = torch.Generator().manual_seed(0)
-    grads = [2 * torch.randn(3, 4, generator=gen), 3 * torch.randn(5, generator=gen), torch.randn(2, 2, 2, generator=gen)]
+    grads = [2 * torch.randn(3, 4, generator=gen), 3 * torch.randn(5, generator=gen),
+             torch.randn(2, 2, 2, generator=gen)]
     for max_norm in [1.0, 3.0, 100.0]:  # clips hard, clips a little, leaves alone
         params = [nn.Parameter(torch.zeros_like(g)) for g in grads]
         for p, g in zip(params, grads):
