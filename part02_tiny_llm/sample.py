@@ -22,7 +22,7 @@ from shared.device import pick_device
 @dataclass
 class SampleConfig:
     out_dir: str = field(default="runs/part02_tiny_llm", metadata={"help": "folder holding ckpt.pt"})
-    start: str = field(default="\n", metadata={"help": "the prompt every sample continues"})
+    start: str = field(default="\n", metadata={"help": "the prompt every sample continues; default: a newline"})
     num_samples: int = 3
     max_new_tokens: int = 500
     temperature: float = field(default=0.8, metadata={"help": "< 1 sharper, > 1 flatter, 0 = greedy"})

@@ -58,7 +58,7 @@ class TrainConfig:
     seed: int = 1337
     out_dir: str = "runs/part02_tiny_llm"
     # the sample printed at the end (sample.py does the same from the saved checkpoint)
-    start: str = field(default="\n", metadata={"help": "prompt for the samples"})
+    start: str = field(default="\n", metadata={"help": "prompt for the samples; the default is a newline"})
     num_samples: int = 1
     max_new_tokens: int = 500
     temperature: float = 0.8
