@@ -25,7 +25,7 @@ from tqdm import tqdm
 from part01_transformer.model import GPT, GPTConfig
 from shared.config import parse_config
 from shared.device import autocast, pick_device
-from shared.metrics import MetricsLogger, plot_loss, read_metrics  # (also selects matplotlib's file-only backend)
+from shared.metrics import MetricsLogger, plot_loss, read_metrics
 
 DIGITS = "0123456789"
 SEP = "|"
