@@ -114,15 +114,24 @@ class KVCache:
     def update(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
         """Store the keys and values (B, n_kv_head, T, head_size) of new positions pos (T,).
 
-        Returns what the new queries attend over: the buffer before this update plus the new entries,
-        keys and values (B, n_kv_head, capacity + T, head_size) and their positions (capacity + T,).
-        (We attend first and evict after, so a long prompt's early tokens still see their neighbours.)
+        Returns what the new queries attend over: keys, values (B, n_kv_head, S, head_size) and their
+        positions (S,). For a chunk of several tokens (the prompt) that is the buffer before this update
+        plus the chunk, S = capacity + T: we attend first and evict after, so a long prompt's early tokens
+        still see their neighbours. For one token it is the buffer itself, S = capacity.
         """
-        keys, values = torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2)
-        key_pos = torch.cat((self.slot_pos, pos))
         if self.window is None and pos[-1] >= self.capacity:
             raise ValueError(f"the cache holds {self.capacity} positions and has no window to forget old ones")
         ring = self.capacity - self.n_sink
+        if pos.numel() == 1:  # decoding one token: store it first, then attend over the buffer as it is.
+            # The slot it overwrites held the token that just left the window, which the mask hides anyway;
+            # this saves copying the whole buffer every step (plain Python ints: no tensor ops for the slot).
+            p = self.seen
+            slot = p if p < self.n_sink else self.n_sink + (p - self.n_sink) % ring
+            self.k[:, :, slot], self.v[:, :, slot], self.slot_pos[slot] = k[:, :, 0], v[:, :, 0], p
+            self.seen += 1
+            return self.k, self.v, self.slot_pos
+        keys, values = torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2)
+        key_pos = torch.cat((self.slot_pos, pos))
         is_sink = pos < self.n_sink
         keep = is_sink | (pos > pos[-1] - ring)  # of this chunk, only the newest `ring` positions survive
         slots = torch.where(is_sink, pos, self.n_sink + (pos - self.n_sink) % ring)[keep]
