@@ -13,6 +13,7 @@ from part02_tiny_llm.model import GPT, GPTConfig, LayerNorm, MultiHeadAttention,
 from part02_tiny_llm.tokenizer import VOCAB_SIZE, decode, encode, encode_tensor
 from shared.metrics import read_metrics
 from tests.notebooks import run_notebook
+from tests.texts import VERSE, write_verse
 
 TINY_MODEL = dict(block_size=16, n_layer=2, n_head=2, n_embd=32)
 
@@ -227,20 +228,8 @@ def test_learning_rate_decays_along_a_cosine_to_a_tenth():
 
 # --- Training, checkpoint, sampling script -------------------------------------------------------------
 
-VERSE = """ROMEO:
-But, soft! what light through yonder window breaks?
-It is the east, and Juliet is the sun.
-
-JULIET:
-O Romeo, Romeo! wherefore art thou Romeo?
-Deny thy father and refuse thy name.
-
-"""
-
-
 def tiny_run_flags(tmp_path, *extra) -> list[str]:
-    data = tmp_path / "verse.txt"
-    data.write_text(VERSE * 40)  # ~7 KB: 6.3 KB to train on, 0.7 KB held out (the same verse)
+    data = write_verse(tmp_path, 40)  # ~7 KB: 6.3 KB to train on, 0.7 KB held out (the same verse)
     return ["--data", str(data), "--out_dir", str(tmp_path / "run"), "--n_layer", "2", "--n_head", "2",
             "--n_embd", "48", "--block_size", "32", "--batch_size", "16", "--learning_rate", "3e-3",
             "--eval_interval", "100", "--eval_iters", "4",

@@ -14,6 +14,7 @@ from part03_modern import generate, train
 from part03_modern.model import (GPT, MLP, GPTConfig, KVCache, MultiHeadAttention, RMSNorm, apply_rope,
                                  attention_mask, rope_angles, swiglu_hidden_size)
 from shared.metrics import read_metrics
+from tests.texts import write_verse
 
 TINY = GPTConfig(block_size=16, vocab_size=61, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
 
@@ -311,20 +312,9 @@ def test_generate_appends_tokens_from_a_prompt_longer_than_block_size():
 
 # --- Training and the scripts -----------------------------------------------------------------------
 
-VERSE = """ROMEO:
-But, soft! what light through yonder window breaks?
-It is the east, and Juliet is the sun.
-
-JULIET:
-O Romeo, Romeo! wherefore art thou Romeo?
-Deny thy father and refuse thy name.
-
-"""
-
 
 def tiny_run_flags(tmp_path, *extra) -> list[str]:
-    data = tmp_path / "verse.txt"
-    data.write_text(VERSE * 40)
+    data = write_verse(tmp_path, 40)
     return ["--data", str(data), "--out_dir", str(tmp_path / "run"), "--n_layer", "2", "--n_head", "2",
             "--n_kv_head", "1", "--n_embd", "48", "--block_size", "32", "--batch_size", "16",
             "--learning_rate", "3e-3", "--eval_interval", "100", "--eval_iters", "4", "--max_new_tokens", "40",

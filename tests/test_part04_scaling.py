@@ -13,23 +13,13 @@ import torch
 from part04_scaling import generate, train
 from part04_scaling.model import GPT, GPTConfig
 from shared.metrics import read_metrics
+from tests.texts import write_verse
 
 REPO = Path(__file__).resolve().parents[1]
-VERSE = """ROMEO:
-But, soft! what light through yonder window breaks?
-It is the east, and Juliet is the sun.
-
-JULIET:
-O Romeo, Romeo! wherefore art thou Romeo?
-Deny thy father and refuse thy name.
-
-"""
 
 
 def tiny_run_flags(tmp_path, *extra) -> list[str]:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    data = tmp_path / "verse.txt"
-    data.write_text(VERSE * 60)
+    data = write_verse(tmp_path, 60)
     return ["--data", str(data), "--vocab_size", "320", "--out_dir", str(tmp_path / "run"), "--n_layer", "2",
             "--n_head", "2", "--n_kv_head", "1", "--n_embd", "32", "--block_size", "16", "--batch_size", "4",
             "--learning_rate", "3e-3", "--min_lr", "3e-4", "--warmup_iters", "5", "--eval_interval", "10",
