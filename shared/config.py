@@ -22,7 +22,8 @@ def build_parser(config_cls, description: str | None = None) -> argparse.Argumen
     for f in dataclasses.fields(config_cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind = hints[f.name]
-        help_text = (f.metadata.get("help", "") + " (default: %(default)s)").strip()
+        # argparse %-formats help strings: a literal "%" in our text must be written "%%"
+        help_text = (f.metadata.get("help", "").replace("%", "%%") + " (default: %(default)s)").strip()
         kwargs = dict(default=default, help=help_text)
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]

@@ -15,6 +15,7 @@ from shared.metrics import MetricsLogger, plot_loss, read_metrics
 class Cfg:
     batch_size: int = 8
     learning_rate: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    dropout: float = field(default=0.1, metadata={"help": "drop 10% of activations"})  # a literal % in help
     compile: bool = False
     top_k: int | None = None
     data: str = "shakespeare"
@@ -33,6 +34,7 @@ def test_config_help_lists_every_field_with_default():
     for name in ("--batch_size", "--learning_rate", "--compile", "--top_k", "--data"):
         assert name in text
     assert "peak learning rate (default: 0.001)" in text
+    assert "drop 10% of activations (default: 0.1)" in text
     assert "(default: 8)" in text and "(default: shakespeare)" in text  # fields without help text too
 
 
