@@ -73,7 +73,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this; 0 = off"})
-    max_iters: int = field(default=5000, metadata={"help": "optimizer steps"})
+    max_iters: int = field(default=3000, metadata={"help": "optimizer steps"})
     eval_interval: int = field(default=250, metadata={"help": "evaluate and save a checkpoint every this many steps"})
     eval_iters: int = field(default=40, metadata={"help": "batches averaged for train_loss/val_loss"})
     init_from: str = field(default="scratch", metadata={"choices": ["scratch", "resume"],
