@@ -1,0 +1,556 @@
+"""Train the mixture-of-experts GPT with part 4's loop, and watch the router: expert utilization per layer.
+
+Part 5 adds to part 4's loop only what MoE needs: the model flags (--n_expert --moe_top_k --expert_hidden
+--n_shared_expert --moe_every --n_dense_first --capacity_factor --noisy_gating), the weights of the router
+losses (--aux_loss_coef, --z_loss_coef; the model adds them to the training loss, the val loss stays pure
+cross-entropy), and at every evaluation the router's statistics (aux_loss, z_loss, drop_rate and
+expert_fraction, the share of the assignments each expert got, per MoE layer) in metrics.jsonl, plotted
+over training as expert_utilization.png. --n_expert 0 trains the dense part 4 model for comparison.
+
+The loop is part 4's (part 3's, grown up). Each optimizer step now averages the gradient of grad_accum_steps
+micro-batches (on each of world_size processes under torchrun), clips it, and steps with the
+learning rate of the schedule. Every eval_interval steps we evaluate and save a checkpoint with
+everything needed to continue bit for bit: weights, optimizer moments, step, random-number states.
+
+    python part05_moe/train.py                                  # the main run (~10 minutes on 2 CPU cores)
+    python part05_moe/train.py --n_expert 0                     # the same model with dense MLPs
+    python part05_moe/train.py --aux_loss_coef 0                # no load balancing: watch the experts collapse
+    python part05_moe/train.py --moe_top_k 1 --capacity_factor 1.25   # Switch-style top-1, token dropping
+    python part05_moe/train.py --init_from resume               # continue where the last run stopped
+    torchrun --nproc_per_node=2 part05_moe/train.py             # data parallel: 2 processes (gloo on CPU)
+    python part05_moe/train.py --help                           # every flag with its default
+"""
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root: `shared` and the chapter import from anywhere
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from matplotlib import cm
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+from part05_moe.generate import generate_text
+from part05_moe.model import GPT, GPTConfig
+from part05_moe.tokenizer import encode_tensor, get_tokenizer
+from shared.config import parse_config
+from shared.data import load_text, train_val_split
+from shared.device import autocast, pick_device
+from shared.metrics import MetricsLogger, plot_loss, read_metrics
+
+# Changing any of these between a run and its resume would make the checkpoint mean something else.
+MUST_MATCH_ON_RESUME = ("data", "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "n_kv_head",
+                        "rope_theta", "window_size", "n_sink", "norm", "n_expert", "moe_top_k", "expert_hidden",
+                        "n_shared_expert", "moe_every", "n_dense_first", "capacity_factor", "noisy_gating",
+                        "aux_loss_coef", "z_loss_coef", "seed", "batch_size", "grad_accum_steps",
+                        "lr_schedule", "learning_rate", "min_lr", "warmup_iters", "weight_decay", "beta1", "beta2")
+
+
+@dataclass
+class TrainConfig:
+    data: str = field(default="shakespeare", metadata={"help": "shakespeare, tinyshakespeare or a UTF-8 text file"})
+    vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary (256 bytes + merges + <|endoftext|>)"})
+    # the model (part 3's)
+    block_size: int = field(default=128, metadata={"help": "context length in tokens (~2.9 bytes each)"})
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = False
+    n_kv_head: int | None = field(default=2, metadata={"help": "key/value heads (GQA); none = n_head, 1 = MQA"})
+    rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base frequency"})
+    window_size: int | None = field(default=None, metadata={"help": "sliding-window attention; none = full"})
+    n_sink: int = field(default=0, metadata={"help": "attention sinks kept visible with a window"})
+    norm: str = field(default="rmsnorm", metadata={"choices": ["rmsnorm", "layernorm"]})
+    # the mixture of experts (see model.py)
+    n_expert: int = field(default=8, metadata={"help": "routed experts per MoE layer; 0 = dense MLPs (part 4)"})
+    # (GPTConfig.top_k; --top_k is taken by the sampling flag below, as in part 4)
+    moe_top_k: int = field(default=2, metadata={"help": "experts per token: 1 = Switch, 2 = Mixtral"})
+    expert_hidden: int | None = field(default=168, metadata={"help": "SwiGLU hidden size of each expert; none = "
+                                                                      "the dense MLP's (336 at n_embd 128)"})
+    n_shared_expert: int = field(default=0, metadata={"help": "always-on shared experts (DeepSeekMoE)"})
+    moe_every: int = field(default=1, metadata={"help": "every moe_every-th layer is MoE, the rest dense"})
+    n_dense_first: int = field(default=0, metadata={"help": "the first n_dense_first layers stay dense"})
+    capacity_factor: float | None = field(default=None, metadata={"help": "cap each expert at this x its fair share"
+                                                                           " of tokens, drop the rest; none = no cap"})
+    noisy_gating: bool = field(default=False, metadata={"help": "learned noise on the router logits (Shazeer 2017)"})
+    aux_loss_coef: float = field(default=0.01, metadata={"help": "weight of the load-balancing loss; 0 = off"})
+    z_loss_coef: float = field(default=0.001, metadata={"help": "weight of the router z-loss; 0 = off"})
+    # the optimisation
+    batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch (per process)"})
+    grad_accum_steps: int = field(default=1, metadata={"help": "micro-batches averaged into one optimizer step"})
+    learning_rate: float = field(default=2e-3, metadata={"help": "peak learning rate"})
+    lr_schedule: str = field(default="cosine", metadata={"choices": ["cosine", "linear", "wsd", "constant"],
+                                                         "help": "shape after the warmup (wsd: warmup-stable-decay)"})
+    warmup_iters: int = field(default=100, metadata={"help": "linear warmup from 0 to learning_rate"})
+    lr_decay_iters: int | None = field(default=None, metadata={"help": "the schedule reaches min_lr here; none = "
+                                                                       "max_iters"})
+    min_lr: float = field(default=2e-4, metadata={"help": "the learning rate at the end of the decay"})
+    wsd_decay_fraction: float = field(default=0.2, metadata={"help": "wsd: the final fraction of steps that decays"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay of the weight matrices"})
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this; 0 = off"})
+    max_iters: int = field(default=3000, metadata={"help": "optimizer steps"})
+    eval_interval: int = field(default=250, metadata={"help": "evaluate and save a checkpoint every this many steps"})
+    eval_iters: int = field(default=40, metadata={"help": "batches averaged for train_loss/val_loss"})
+    init_from: str = field(default="scratch", metadata={"choices": ["scratch", "resume"],
+                                                        "help": "resume: continue from out_dir/ckpt.pt"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model (slow start, faster steps)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1 or mps"})
+    dtype: str = field(default="float32", metadata={"choices": ["float32", "bfloat16", "float16"],
+                                                    "help": "autocast dtype; float16 (CUDA) uses a GradScaler"})
+    seed: int = 1337
+    out_dir: str = "runs/part05_moe"
+    tensorboard: bool = field(default=False, metadata={"help": "also log to TensorBoard (pip install tensorboard)"})
+    wandb: bool = field(default=False, metadata={"help": "also log to Weights & Biases (pip install wandb)"})
+    wandb_mode: str = field(default="offline", metadata={"choices": ["offline", "online"],
+                                                         "help": "offline needs no account; `wandb sync` later"})
+    # the sample printed at the end (generate.py does the same from the saved checkpoint)
+    start: str = field(default="\n", metadata={"help": "prompt for the samples; the default is a newline"})
+    num_samples: int = 1
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int | None = None
+    top_p: float | None = field(default=0.95, metadata={"help": "nucleus sampling; none = off"})
+
+
+# --- Data ----------------------------------------------------------------------------------------
+
+
+def get_batch(data: torch.Tensor, batch_size: int, block_size: int, generator: torch.Generator,
+              rank: int = 0, world_size: int = 1):
+    """This process's share of a global batch of random windows: inputs x and next-token targets y, (B, T).
+
+    Every process draws the same world_size * batch_size window starts from an identically seeded
+    generator and keeps its own slice: together the processes see exactly the batch one process
+    would see with batch_size * world_size, and the data position is one generator state.
+    """
+    starts = torch.randint(len(data) - block_size, (world_size * batch_size,), generator=generator)
+    starts = starts[rank * batch_size : (rank + 1) * batch_size]  # (B,)
+    positions = starts[:, None] + torch.arange(block_size)  # (B, T)
+    return data[positions].long(), data[positions + 1].long()  # y: the shift by one
+
+
+def routing_stats(model: GPT) -> dict[str, torch.Tensor]:
+    """What the routers did in the model's last forward pass, one row per MoE layer: expert_fraction
+    (n_moe_layers, n_expert), the share of the token->expert assignments each expert got (1/n_expert
+    each when balanced), and aux_loss, z_loss, drop_rate (n_moe_layers,). Empty for a dense model."""
+    layers = model.moe_layers()
+    if not layers:
+        return {}
+    return dict(expert_fraction=torch.stack([moe.expert_fraction for moe in layers]).float().cpu(),
+                aux_loss=torch.stack([moe.aux_loss for moe in layers]).float().cpu(),
+                z_loss=torch.stack([moe.z_loss for moe in layers]).float().cpu(),
+                drop_rate=torch.tensor([moe.drop_rate for moe in layers]))
+
+
+@torch.no_grad()
+def estimate_loss(model, data: torch.Tensor, cfg: TrainConfig, device: str) -> tuple[float, dict]:
+    """Mean loss over eval_iters batches, and the routing statistics of the same batches as metrics.jsonl
+    fields: aux_loss, z_loss, drop_rate (averaged over the MoE layers) and expert_fraction (one list per
+    MoE layer); {} for a dense model. The batches come from a fixed seed, so every evaluation scores
+    the same windows and the curve shows the model changing, not the batches."""
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    losses, routing = [], []
+    for _ in range(cfg.eval_iters):
+        x, y = get_batch(data, cfg.batch_size, cfg.block_size, generator)
+        with autocast(device, cfg.dtype):
+            _, loss = model(x.to(device), y.to(device))
+        losses.append(loss.item())
+        routing.append(routing_stats(model))
+    stats = {key: torch.stack([r[key] for r in routing]).mean(dim=0) for key in routing[0]}  # over the batches
+    record = {key: value.mean().item() for key, value in stats.items() if key != "expert_fraction"}
+    if stats:
+        record["expert_fraction"] = stats["expert_fraction"].tolist()
+    return sum(losses) / len(losses), record
+
+
+# --- Learning-rate schedules -------------------------------------------------------------------------
+
+
+def lr_at(it: int, cfg: TrainConfig) -> float:
+    """The learning rate of step `it`: a linear warmup, then the chosen shape down to min_lr.
+
+    Warmup: Adam's moment estimates start from a handful of gradients and the freshly initialised
+    model's gradients are large and noisy; small steps first keep the first updates from wrecking it
+    (Goyal et al. 2017, https://arxiv.org/abs/1706.02677). After the warmup, by lr_schedule:
+    - cosine: half a cosine from learning_rate to min_lr at lr_decay_iters (Loshchilov & Hutter 2016,
+      https://arxiv.org/abs/1608.03983), then min_lr;
+    - linear: a straight line to min_lr at lr_decay_iters;
+    - wsd, warmup-stable-decay: flat at learning_rate, then a linear decay over the last
+      wsd_decay_fraction of the steps (Hu et al. 2024, MiniCPM, https://arxiv.org/abs/2404.06395). The
+      flat part lets you stop or extend the run at any time and decay only at the end;
+    - constant: learning_rate after the warmup.
+    The schedule is a pure function of the step, so resuming needs to save nothing but the step.
+    """
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / cfg.warmup_iters  # never 0: step 0 already learns a little
+    if cfg.lr_schedule == "constant":
+        return cfg.learning_rate
+    if it >= decay_iters:
+        return cfg.min_lr
+    if cfg.lr_schedule == "wsd":
+        decay_start = decay_iters - cfg.wsd_decay_fraction * decay_iters
+        if it < decay_start:
+            return cfg.learning_rate
+        progress = (it - decay_start) / (decay_iters - decay_start)
+        return cfg.learning_rate + progress * (cfg.min_lr - cfg.learning_rate)
+    progress = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)  # 0 -> 1 over the decay
+    if cfg.lr_schedule == "linear":
+        return cfg.learning_rate + progress * (cfg.min_lr - cfg.learning_rate)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)  # cosine
+
+
+# --- One optimizer step: gradient accumulation, mixed precision, clipping ------------------------------
+
+
+def accumulate_gradients(model, micro_batches, device: str, dtype: str, scaler=None) -> float:
+    """Forward and backward every micro-batch (x, y); leave the gradient of the *mean* loss in .grad.
+
+    Each micro-batch's loss is divided by their number before backward, so the summed gradients are
+    the gradient of the average loss: k micro-batches of b sequences give the gradient of one batch of
+    k*b (up to float rounding), in the memory of b. Returns that average loss (all micro-batches,
+    not just the last one). Under DDP, gradients are all-reduced only on the last micro-batch (no_sync).
+    """
+    n = len(micro_batches)
+    total = 0.0
+    for i, (x, y) in enumerate(micro_batches):
+        sync = nullcontext() if i == n - 1 or not isinstance(model, DDP) else model.no_sync()
+        with sync:
+            with autocast(device, dtype):
+                _, loss = model(x.to(device), y.to(device))
+            loss = loss / n
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += loss.item()
+    return total
+
+
+def train_step(model, optimizer, scaler, micro_batches, lr: float, cfg: TrainConfig, device: str):
+    """One optimizer step; returns (mean loss over the micro-batches, gradient norm before clipping)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss = accumulate_gradients(model, micro_batches, device, cfg.dtype, scaler)
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"loss became {loss}; try a lower --learning_rate (now {cfg.learning_rate}) "
+                                 "or a longer --warmup_iters. The last checkpoint in out_dir is untouched.")
+    scaler.unscale_(optimizer)  # fp16: the gradients were scaled up; clip the true ones (a no-op otherwise)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf).item()
+    scaler.step(optimizer)  # fp16: skips the step if any gradient overflowed to inf/nan
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
+# --- Checkpoints: everything needed to continue bit for bit -------------------------------------------
+
+
+def save_checkpoint(path: Path, model: GPT, optimizer, scaler, generator: torch.Generator, iter_num: int,
+                    cfg: TrainConfig, **extra) -> None:
+    """Write the full training state, atomically: a crash never leaves half a file.
+
+    Only tensors, numbers, strings, lists and dicts go in, so torch.load(path, weights_only=True) can read
+    it (weights_only refuses to run arbitrary pickled code from a file someone gave you).
+    """
+    checkpoint = {
+        "model": model.state_dict(),
+        "model_config": asdict(model.config),
+        "optimizer": optimizer.state_dict(),  # AdamW's moments: without them the first resumed steps jump
+        "scaler": scaler.state_dict(),
+        "iter_num": iter_num,  # the step to do next; the learning rate is a function of it
+        "lr_decay_iters": cfg.lr_decay_iters or cfg.max_iters,  # the schedule's length, fixed for the run
+        "train_config": asdict(cfg),
+        "rng": {"torch": torch.get_rng_state(),  # dropout
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "batches": generator.get_state()},  # the data position: which windows come next
+        **extra,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)  # atomic on POSIX and Windows
+
+
+def load_checkpoint(path: Path, cfg: TrainConfig, device: str) -> dict:
+    """Read a checkpoint to resume from, refusing one that was made with a different setup."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--init_from resume: no checkpoint at {path}; start a run with --init_from scratch")
+    checkpoint = torch.load(path, map_location=device, weights_only=True)
+    saved = checkpoint["train_config"]
+    changed = [f"--{key} {saved[key]} -> {getattr(cfg, key)}" for key in MUST_MATCH_ON_RESUME
+               if saved.get(key) != getattr(cfg, key)]
+    if (cfg.lr_decay_iters or cfg.max_iters) != checkpoint["lr_decay_iters"]:
+        changed.append(f"the schedule length {checkpoint['lr_decay_iters']} -> {cfg.lr_decay_iters or cfg.max_iters} "
+                       f"(to train longer, pass --lr_decay_iters {checkpoint['lr_decay_iters']})")
+    if changed:
+        raise ValueError(f"cannot resume {path}: it was trained with a different config: " + "; ".join(changed))
+    return checkpoint
+
+
+# --- Distributed data parallel ----------------------------------------------------------------------------
+
+
+def setup_distributed(device: str):
+    """Under torchrun (it sets RANK and WORLD_SIZE), join the process group; returns (rank, world_size, device).
+
+    Each process holds a full copy of the model and trains on its own slice of every batch; DDP
+    all-reduces (averages) the gradients during backward, so every copy takes the same step
+    (Li et al. 2020, https://arxiv.org/abs/2006.15704). gloo is the CPU backend, nccl the GPU one.
+    """
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    else:  # the processes share the CPU cores: give each its part, or they fight over the same threads
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+# --- Logging -----------------------------------------------------------------------------------------------
+
+
+class Loggers:
+    """metrics.jsonl always; TensorBoard and wandb when asked for (each is imported only then)."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool):
+        self.metrics = MetricsLogger(cfg.out_dir, resume=resume)
+        self.tensorboard = self.wandb = None
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise ImportError("--tensorboard needs the tensorboard package: pip install tensorboard") from err
+            self.tensorboard = SummaryWriter(Path(cfg.out_dir) / "tensorboard")
+        if cfg.wandb:
+            try:
+                import wandb
+            except ImportError as err:
+                raise ImportError("--wandb needs the wandb package: pip install wandb") from err
+            self.wandb = wandb.init(project="llm-from-scratch", name=Path(cfg.out_dir).name, config=asdict(cfg),
+                                    dir=cfg.out_dir, mode=cfg.wandb_mode, resume="allow")
+
+    def log(self, **record):
+        record = self.metrics.log(**record)
+        step = record["iter"]
+        scalars = {k: v for k, v in record.items() if k != "iter" and isinstance(v, (int, float))}  # not lists
+        if self.tensorboard:
+            for key, value in scalars.items():
+                self.tensorboard.add_scalar(key, value, step)
+        if self.wandb:
+            self.wandb.log(scalars, step=step)
+
+    def close(self):
+        if self.tensorboard:
+            self.tensorboard.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def plot_expert_utilization(records: list[dict], path: Path, title: str) -> Path:
+    """One panel per MoE layer: the share of the assignments each expert got, over training.
+
+    Balanced routing keeps every line near the dashed fair share 1/n_expert; a collapse shows as a few
+    lines rising to 1/top_k (each token's top_k choices always the same experts) and the rest falling to 0.
+    """
+    records = [r for r in records if r.get("expert_fraction")]
+    iters = [r["iter"] for r in records]
+    shares = torch.tensor([r["expert_fraction"] for r in records])  # (evals, n_moe_layers, n_expert)
+    n_layers, n_expert = shares.shape[1:]
+    cols = min(n_layers, 4)
+    rows = math.ceil(n_layers / cols)
+    fig = Figure(figsize=(3.2 * cols, 2.6 * rows + 0.4), dpi=120)
+    axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
+    colors = [cm.tab20(i % 20) for i in range(n_expert)]
+    for layer in range(rows * cols):
+        ax = axes.flat[layer]
+        if layer >= n_layers:
+            ax.set_visible(False)
+            continue
+        for e in range(n_expert):
+            ax.plot(iters, shares[:, layer, e], color=colors[e], label=f"expert {e}")
+        ax.axhline(1 / n_expert, color="black", linestyle="--", linewidth=1)  # the fair share
+        ax.set_title(f"MoE layer {layer}", fontsize=9)
+        ax.set_xlabel("iter")
+        ax.grid(alpha=0.3)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("share of assignments")
+    axes.flat[0].legend(fontsize=6, ncol=2)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+# --- Training ----------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig):
+    """Train a BPE-token GPT on cfg.data; return (model, results). main() wraps this for the CLI."""
+    if not cfg.start:
+        raise ValueError("--start is empty; the samples need a prompt of at least one character, e.g. a newline")
+    if cfg.grad_accum_steps < 1:
+        raise ValueError(f"--grad_accum_steps must be at least 1, got {cfg.grad_accum_steps}")
+    rank, world_size, device = setup_distributed(pick_device(cfg.device))
+    master = rank == 0  # only the first process evaluates, logs and writes files
+    autocast(device, cfg.dtype)  # fail early on an unsupported dtype
+    torch.manual_seed(cfg.seed)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / "ckpt.pt"
+    checkpoint = load_checkpoint(ckpt_path, cfg, device) if cfg.init_from == "resume" else None
+
+    tokenizer = get_tokenizer(cfg.vocab_size, cfg.data)
+    text = load_text(cfg.data)
+    train_data, val_data = train_val_split(encode_tensor(tokenizer, text))
+    if len(val_data) <= cfg.block_size:
+        raise ValueError(f"--data gives only {len(val_data)} tokens of validation text (the last 10%); it needs "
+                         f"more than --block_size {cfg.block_size}. Use a longer text or a smaller block_size.")
+    bytes_per_token = len(train_val_split(text)[1].encode("utf-8")) / len(val_data)
+
+    model_config = GPTConfig(block_size=cfg.block_size, vocab_size=tokenizer.vocab_size, n_layer=cfg.n_layer,
+                             n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
+                             n_kv_head=cfg.n_kv_head, rope_theta=cfg.rope_theta, window_size=cfg.window_size,
+                             n_sink=cfg.n_sink, norm=cfg.norm, n_expert=cfg.n_expert, top_k=cfg.moe_top_k,
+                             expert_hidden=cfg.expert_hidden, n_shared_expert=cfg.n_shared_expert,
+                             moe_every=cfg.moe_every, n_dense_first=cfg.n_dense_first,
+                             capacity_factor=cfg.capacity_factor, noisy_gating=cfg.noisy_gating,
+                             aux_loss_coef=cfg.aux_loss_coef, z_loss_coef=cfg.z_loss_coef)
+    model = GPT(model_config).to(device)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2))
+    # float16 has a narrow range: small gradients underflow to 0. The GradScaler multiplies the loss
+    # before backward and divides the gradients after (Micikevicius et al. 2017, https://arxiv.org/abs/1710.03740).
+    # bfloat16 has float32's range and needs none; disabled, the scaler does nothing.
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=cfg.dtype == "float16")
+    generator = torch.Generator().manual_seed(cfg.seed)  # the data order; the same on every process
+    start_iter = 0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        generator.set_state(checkpoint["rng"]["batches"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if checkpoint["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        start_iter = checkpoint["iter_num"]
+    step_model = torch.compile(model) if cfg.compile else model
+    if world_size > 1:
+        # find_unused_parameters: an expert that no token in this process's batch chose gets no gradient
+        step_model = DDP(step_model, device_ids=[device] if device.startswith("cuda") else None,
+                         find_unused_parameters=bool(model.moe_layers()))
+    if master:
+        print(f"{len(train_data):,} train / {len(val_data):,} val tokens ({bytes_per_token:.2f} bytes per token) | "
+              f"{model.num_params():,} parameters ({model.num_active_params():,} active per token, "
+              f"{len(model.moe_layers())} MoE layers) | device {device} x {world_size} | "
+              + (f"resuming at step {start_iter}" if checkpoint else "from scratch"))
+
+    loggers = Loggers(cfg, resume=checkpoint is not None) if master else None
+    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.grad_accum_steps * world_size
+    start = time.perf_counter()
+    train_seconds, interval_seconds, interval_iters, tokens_per_sec = 0.0, 0.0, 0, 0.0
+    step_loss, grad_norm = float("nan"), float("nan")
+    it = start_iter
+    bar = tqdm(range(start_iter, cfg.max_iters + 1), desc="train", dynamic_ncols=True, disable=not master)
+    try:
+        for it in bar:
+            lr = lr_at(it, cfg)
+            if master and (it % cfg.eval_interval == 0 or it == cfg.max_iters) and not (checkpoint and it == start_iter):
+                model.eval()
+                train_loss, routing = estimate_loss(model, train_data, cfg, device)  # routing: on the train windows
+                val_loss, _ = estimate_loss(model, val_data, cfg, device)
+                model.train()
+                if interval_iters:
+                    tokens_per_sec = interval_iters * tokens_per_iter / interval_seconds
+                # the checkpoint first: if we crash in between, the resumed run logs this step again
+                save_checkpoint(ckpt_path, model, optimizer, scaler, generator, it, cfg, val_loss=val_loss)
+                loggers.log(iter=it, train_loss=train_loss, val_loss=val_loss,
+                            val_bits_per_byte=val_loss / math.log(2) / bytes_per_token, lr=lr,
+                            tokens_per_sec=tokens_per_sec, step_loss=step_loss, grad_norm=grad_norm, **routing)
+                bar.write(f"iter {it:5d} | train loss {train_loss:.4f} | val loss {val_loss:.4f} | lr {lr:.2e}")
+                interval_seconds, interval_iters = 0.0, 0
+            if it == cfg.max_iters:
+                break
+
+            step_start = time.perf_counter()
+            micro_batches = [get_batch(train_data, cfg.batch_size, cfg.block_size, generator, rank, world_size)
+                             for _ in range(cfg.grad_accum_steps)]
+            step_loss, grad_norm = train_step(step_model, optimizer, scaler, micro_batches, lr, cfg, device)
+            if world_size > 1:  # log the loss of the whole global batch, not just this process's share
+                mean_loss = torch.tensor(step_loss, device=device)
+                dist.all_reduce(mean_loss)  # sum over processes
+                step_loss = mean_loss.item() / world_size
+            step_seconds = time.perf_counter() - step_start
+            train_seconds += step_seconds
+            interval_seconds += step_seconds
+            interval_iters += 1
+            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{interval_iters * tokens_per_iter / interval_seconds:,.0f}",
+                            refresh=False)
+    except KeyboardInterrupt:  # Ctrl-C mid-step leaves a half-done step: keep the last whole checkpoint instead
+        if master and ckpt_path.is_file():
+            print(f"\ninterrupted at step {it}; {ckpt_path} holds step "
+                  f"{torch.load(ckpt_path, weights_only=True)['iter_num']}: continue with --init_from resume")
+        raise
+    finally:
+        bar.close()
+        if loggers:
+            loggers.close()
+    seconds = time.perf_counter() - start
+    if world_size > 1:
+        dist.barrier()  # everyone finished before the master reads the files and the group goes away
+        dist.destroy_process_group()
+    if not master:
+        return model, {}
+
+    records = read_metrics(loggers.metrics.path)
+    # the router losses have their own scale; loss.png keeps the cross-entropies (and the step's objective)
+    plot_loss([{k: v for k, v in r.items() if k not in ("aux_loss", "z_loss")} for r in records], out_dir / "loss.png",
+              title=f"part05: BPE-{tokenizer.vocab_size} GPT on {Path(cfg.data).name}")
+    if model.moe_layers():
+        plot_expert_utilization(records, out_dir / "expert_utilization.png",
+                                title=f"expert utilization: top-{cfg.moe_top_k} of {cfg.n_expert}, "
+                                      f"aux_loss_coef {cfg.aux_loss_coef}")
+    tokenizer.save(out_dir / "tokenizer.json")  # generate.py and the later chapters read it from here
+
+    model.eval()
+    samples = generate_text(model, tokenizer, cfg.start, cfg.num_samples, cfg.max_new_tokens, cfg.temperature,
+                            cfg.top_k, cfg.top_p)
+    val_loss = records[-1]["val_loss"]
+    results = dict(train_loss=records[-1]["train_loss"], val_loss=val_loss,
+                   val_bits_per_byte=records[-1]["val_bits_per_byte"], bytes_per_token=bytes_per_token,
+                   iters=cfg.max_iters, seconds=seconds, train_seconds=train_seconds,
+                   tokens_per_sec=(cfg.max_iters - start_iter) * tokens_per_iter / max(train_seconds, 1e-9),
+                   num_params=model.num_params(), num_active_params=model.num_active_params(),
+                   expert_fraction=records[-1].get("expert_fraction"), drop_rate=records[-1].get("drop_rate"),
+                   samples=samples, ckpt=str(ckpt_path), config=asdict(cfg))
+    for sample in samples:
+        print("-" * 80 + f"\n{sample}")
+    print("-" * 80)
+    print(f"val loss {val_loss:.4f} nats/token = {results['val_bits_per_byte']:.3f} bits per byte "
+          f"({bytes_per_token:.2f} bytes per token; train {results['train_loss']:.4f})")
+    if results["expert_fraction"]:
+        for layer, shares in enumerate(results["expert_fraction"]):
+            print(f"MoE layer {layer}: share of assignments per expert " + " ".join(f"{s:.2f}" for s in shares))
+        print(f"(fair share {1 / cfg.n_expert:.2f}; drop rate {results['drop_rate']:.3f}); "
+              f"wrote {out_dir / 'expert_utilization.png'}")
+    print(f"{seconds:.1f} s ({results['tokens_per_sec']:,.0f} tokens/s in training steps); "
+          f"wrote {out_dir / 'metrics.jsonl'}, {out_dir / 'loss.png'}, {ckpt_path}, {out_dir / 'tokenizer.json'}")
+    return model, results
+
+
+def main(argv=None) -> dict:
+    cfg = parse_config(TrainConfig, argv, description=__doc__.splitlines()[0])
+    _, results = train(cfg)
+    return results
+
+
+if __name__ == "__main__":
+    main()
