@@ -6,7 +6,7 @@ micro-batches (on each of world_size processes under torchrun), clips it, and st
 learning rate of the schedule. Every eval_interval steps we evaluate and save a checkpoint with
 everything needed to continue bit for bit: weights, optimizer moments, step, random-number states.
 
-    python part04_scaling/train.py                                  # the main run (~10 minutes on 2 CPU cores)
+    python part04_scaling/train.py                                  # the main run (~8.5 minutes on 2 CPU cores)
     python part04_scaling/train.py --init_from resume               # continue where the last run stopped
     python part04_scaling/train.py --grad_accum_steps 4 --batch_size 8   # a 4x bigger batch in the same memory
     python part04_scaling/train.py --lr_schedule wsd --dtype bfloat16

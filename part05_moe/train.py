@@ -12,7 +12,7 @@ micro-batches (on each of world_size processes under torchrun), clips it, and st
 learning rate of the schedule. Every eval_interval steps we evaluate and save a checkpoint with
 everything needed to continue bit for bit: weights, optimizer moments, step, random-number states.
 
-    python part05_moe/train.py                                  # the main run (~10 minutes on 2 CPU cores)
+    python part05_moe/train.py                                  # the main run (~11 minutes on 2 CPU cores)
     python part05_moe/train.py --n_expert 0                     # the same model with dense MLPs
     python part05_moe/train.py --aux_loss_coef 0                # no load balancing: watch the experts collapse
     python part05_moe/train.py --moe_top_k 1 --capacity_factor 1.25   # Switch-style top-1, token dropping
