@@ -8,18 +8,27 @@ The matmul benchmark multiplies two size x size matrices: 2 * size^3 floating-po
 the ceiling for how fast your training can go. On a known NVIDIA GPU it is compared with the peak
 from the datasheet; the ratio is the "model FLOPs utilization" (MFU) you could hope for at best.
 """
-import argparse
 import os
 import platform
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root: `shared` and the chapter import from anywhere
 
 import torch
 
+from shared.config import parse_config, run_cli
 from shared.device import DTYPES, pick_device, supports_dtype, synchronize
+
+
+@dataclass
+class EnvCheckConfig:
+    size: int | None = field(default=None, metadata={
+        "help": "matrix size for the matmul benchmark; none = 512 on a CPU, 4096 on a GPU", "min": 1})
+    device: str = field(default="auto", metadata={"help": "device to benchmark: auto, cpu, cuda or mps"})
+    min_seconds: float = field(default=0.2, metadata={"help": "time each benchmark at least this long", "min": 0})
 
 # Dense (no 2:4 sparsity) peak TFLOP/s from NVIDIA's datasheets: (fp32 without tensor cores,
 # 16-bit tensor cores: bf16, or fp16 where the GPU has no bf16). Checked in order, first match wins.
@@ -74,12 +83,7 @@ def devices_available() -> list[str]:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=None,
-                        help="matrix size for the matmul benchmark (default: 512 on CPU, 4096 on a GPU)")
-    parser.add_argument("--device", default="auto", help="device to benchmark: auto, cpu, cuda or mps")
-    parser.add_argument("--min_seconds", type=float, default=0.2, help="time each benchmark at least this long")
-    args = parser.parse_args(argv)
+    args = parse_config(EnvCheckConfig, argv, description=__doc__)
 
     print(f"python {platform.python_version()} on {platform.system()} {platform.machine()} | torch {torch.__version__}")
     print(f"CPU: {os.cpu_count()} logical cores, torch threads: {torch.get_num_threads()}, "
@@ -127,4 +131,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

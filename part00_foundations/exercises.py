@@ -1,11 +1,13 @@
-"""Part 0 exercises: the back-of-the-envelope arithmetic of language models.
+"""Part 0 exercises: the back-of-the-envelope arithmetic of language models, and how to score one.
 
 Fill in each function, then check your answers:
 
     pytest tests/test_part00_exercises.py -rs
 
-Exercises still raising NotImplementedError are skipped ("not attempted yet"). The reference
-answers are in solutions.py - try first, peek later.
+Untouched stubs are skipped ("not attempted yet"); a filled-in one passes or says what is off. Some
+checks compare with an outside reference (PyTorch's FLOP counter, a real AdamW step); ex05 is an
+experiment whose result must land in the range the reference measured. The reference answers are in
+solutions.py - try first, peek later.
 """
 import math  # noqa: F401  (for your answers)
 
@@ -31,22 +33,34 @@ def ex01_gpt_param_count(n_layer: int, n_embd: int, vocab_size: int, block_size:
 
     Return the total as an int. GPT-2 small (12 layers, C=768, V=50257, T=1024, bias, tied) has
     124,439,808.
-
-    Hint: write the count of one block as a function of C first; most of it is 12 * C^2.
     """
     raise NotImplementedError
 
 
-def ex02_training_flops(n_params: float, n_tokens: float) -> float:
-    """Estimate the floating-point operations (FLOPs) needed to train a model.
+def ex02_gpt_training_flops(n_layer: int, n_embd: int, vocab_size: int, block_size: int, batch_size: int) -> int:
+    """Exactly how many FLOPs does one training step of the part01 GPT cost?
 
-    n_params is N, the number of parameters; n_tokens is D, the number of tokens trained on.
-    Use the standard estimate (Kaplan et al. 2020, https://arxiv.org/abs/2001.08361, section 2.1):
-    - forward pass: every parameter takes part in one multiply and one add per token: 2 N per token
-    - backward pass: twice the forward (a gradient for the activations and one for the weights): 4 N
-    It ignores the attention scores (small while the context is short compared with the width).
+    The rule of thumb (Kaplan et al. 2020, https://arxiv.org/abs/2001.08361, section 2.1) is 6 N FLOPs
+    per token: every parameter takes part in one multiply and one add per token in the forward pass
+    (2 N), and the backward pass costs twice the forward (4 N). It is an estimate: it ignores the
+    attention scores and counts parameters that never multiply anything.
 
-    Return the total FLOPs for D tokens (a float).
+    Goal: replace the estimate by an exact formula. The outside check is PyTorch's own FLOP counter,
+    torch.utils.flop_counter.FlopCounterMode, around one step of part01_transformer.model.GPT with the
+    given sizes (GPTConfig defaults otherwise: learned positions, bias=True, tied lm_head):
+
+        from torch.utils.flop_counter import FlopCounterMode
+        from part01_transformer.model import GPT, GPTConfig
+        model = GPT(GPTConfig(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab_size, block_size=block_size))
+        idx = torch.randint(vocab_size, (batch_size, block_size))
+        with FlopCounterMode(display=False) as counter:
+            _, loss = model(idx, idx)
+            loss.backward()
+        counter.get_total_flops()        # your formula must give exactly this
+
+    FlopCounterMode counts matrix multiplications only: an (m x k) @ (k x n) product is 2 m k n FLOPs.
+    Run it yourself and look at counter.get_flop_counts() to see which operations it counts. The number
+    of heads does not change the result (the test uses a few). Return an int.
     """
     raise NotImplementedError
 
@@ -54,7 +68,8 @@ def ex02_training_flops(n_params: float, n_tokens: float) -> float:
 def ex03_training_days(n_params: float, n_tokens: float, n_gpus: int, peak_flops: float, mfu: float) -> float:
     """How many days does training take?
 
-    - the work is the training FLOPs of ex02 (n_params N, n_tokens D)
+    - the work: 6 N D FLOPs for N = n_params parameters trained on D = n_tokens tokens (the estimate
+      of ex02's docstring; exact enough for a model whose context is short compared with its width)
     - each of the n_gpus GPUs has a datasheet peak of `peak_flops` FLOP/s (e.g. 312e12 for an A100
       in bf16), but reaches only the fraction `mfu` of it (model FLOPs utilization, e.g. 0.4)
     - the GPUs work in parallel with no other overhead
@@ -85,27 +100,37 @@ def ex04_training_memory(n_params: int, recipe: str) -> dict:
     raise NotImplementedError
 
 
-def ex05_bytes_per_token(text: str, encode) -> float:
-    """How many bytes of UTF-8 text does one token of a tokenizer cover on average?
+def ex05_compressor_bits_per_byte(text: str) -> float:
+    """Experiment: how good are ordinary compressors as language models?
 
-    `encode` is a function from a string to a list of token ids. Return
-    (number of UTF-8 bytes of text) / (number of tokens). A byte-level tokenizer gives exactly 1;
-    GPT-2's BPE gives about 4 on English prose. Careful: a character like "é" is one character
-    but two bytes.
+    Language modelling is compression (Delétang et al. 2023, https://arxiv.org/abs/2309.10668): a model
+    that gives the next byte probability p can store it in -log2 p bits (arithmetic coding), so a model's
+    bits per byte is the size it would compress the text to. Turn that around: a compressor's output
+    size, in bits per byte of input, is the score of the "language model" inside it.
+
+    Compress `text` (as UTF-8) with each of Python's standard-library compressors, zlib, bz2 and lzma,
+    at their strongest settings, and return the best one's size in bits per byte of the input
+    (8 * compressed bytes / input bytes). The test passes the validation split of the Shakespeare corpus
+    (the last 10%, about 0.5 MB) and accepts a range around what the reference measured.
+
+    Then compare: which compressor wins, and is it better or worse than the bigram (ex07, scored with
+    ex06) and the MLP of train.py, whose val loss converts to bits per byte the same way?
     """
     raise NotImplementedError
 
 
-def ex06_perplexity_and_bpb(loss: float, bytes_per_token: float = 1.0) -> tuple[float, float]:
-    """Turn a mean cross-entropy loss into perplexity and bits per byte.
+def ex06_perplexity_and_bpb(loss: float, text: str, encode) -> tuple[float, float]:
+    """Turn a model's loss on a text into perplexity and bits per byte.
 
-    `loss` is what F.cross_entropy returns: the mean negative log-probability per token, in nats
-    (natural log). `bytes_per_token` is how many bytes of text one token covers (see ex05; 1 for
-    a byte-level model).
+    A model read `text`, tokenized by `encode` (a function from a string to a list of token ids), and
+    its mean cross-entropy over those tokens is `loss`: what F.cross_entropy returns, the mean negative
+    log-probability per token, in nats (natural log).
     - perplexity: e^loss, the number of equally likely choices that would be as surprising
       (uniform over 256 bytes: loss ln 256, perplexity 256). It is per token.
-    - bits per byte: the loss in bits (log base 2) spread over the bytes the token covers. Unlike
-      the loss and perplexity, it compares models with different tokenizers.
+    - bits per byte: the total surprise of the text in bits (log base 2), divided by the number of
+      UTF-8 bytes of the text. Unlike the loss and perplexity, it compares models with different
+      tokenizers: a byte-level model and GPT-2's BPE (about 4 bytes per token on English prose).
+      Careful: a character like "é" is one character but two bytes.
 
     Return (perplexity, bits_per_byte).
     """
@@ -122,8 +147,6 @@ def ex07_bigram_log_probs(data: torch.Tensor, vocab_size: int = 256, smoothing: 
     float tensor where row a is log P(next token | current token a).
 
     The cross-entropy of these log-probs on the training data is the lowest any BigramLM can
-    reach there (with smoothing -> 0).
-
-    Hint: a pair (a, b) can be turned into the single index a * vocab_size + b; torch.bincount.
+    reach there (with smoothing -> 0). Avoid a Python loop over the data: the corpus has millions of bytes.
     """
     raise NotImplementedError

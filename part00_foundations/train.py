@@ -22,10 +22,10 @@ import torch
 from tqdm import tqdm
 
 from part00_foundations.model import MODELS, ModelConfig
-from shared.config import parse_config
+from shared.config import parse_config, run_cli
 from shared.data import load_text, train_val_split
 from shared.device import autocast, peak_memory_mb, pick_device, synchronize
-from shared.metrics import MetricsLogger, plot_loss
+from shared.metrics import MetricsLogger, plot_loss, read_steps
 
 PROFILE_SCHEDULE = dict(wait=1, warmup=1, active=3)  # skip 1 step, warm up 1, record 3
 
@@ -35,26 +35,29 @@ class TrainConfig:
     model: str = field(default="mlp", metadata={"help": "which model", "choices": sorted(MODELS)})
     # data
     data: str = field(default="shakespeare", metadata={"help": "'shakespeare', 'tinyshakespeare' or a path to a UTF-8 file"})
-    batch_size: int = 32
-    block_size: int = field(default=64, metadata={"help": "bytes per training sequence; every position is a training example"})
+    batch_size: int = field(default=32, metadata={"min": 1})
+    block_size: int = field(default=64, metadata={"help": "bytes per training sequence; every position is a training example", "min": 1})
     # model (the MLP's; the bigram has no knobs)
-    context: int = field(default=4, metadata={"help": "MLP: how many previous bytes it sees"})
-    n_embd: int = field(default=16, metadata={"help": "MLP: embedding size per byte"})
-    n_hidden: int = field(default=256, metadata={"help": "MLP: hidden layer width"})
+    context: int = field(default=4, metadata={"help": "MLP: how many previous bytes it sees", "min": 1})
+    n_embd: int = field(default=16, metadata={"help": "MLP: embedding size per byte", "min": 1})
+    n_hidden: int = field(default=256, metadata={"help": "MLP: hidden layer width", "min": 1})
     activation: str = field(default="tanh", metadata={"choices": ["tanh", "gelu"]})
     # optimization
-    learning_rate: float = field(default=1e-2, metadata={"help": "AdamW learning rate (constant)"})
-    weight_decay: float = 0.0
-    max_iters: int = 1000
-    eval_interval: int = 100
-    eval_iters: int = field(default=20, metadata={"help": "batches averaged per loss estimate"})
+    learning_rate: float = field(default=1e-2, metadata={"help": "AdamW learning rate (constant)", "min": 0})
+    weight_decay: float = field(default=0.0, metadata={"min": 0})
+    max_iters: int = field(default=1000, metadata={"min": 0})
+    eval_interval: int = field(default=100, metadata={"min": 1})
+    eval_iters: int = field(default=20, metadata={"help": "batches averaged per loss estimate", "min": 1})
     # system
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
     dtype: str = field(default="float32", metadata={"help": "autocast dtype", "choices": ["float32", "bfloat16"]})
+    threads: int | None = field(default=None, metadata={"help": "CPU threads for torch; none = torch's default "
+                                                                "(the physical cores). Running two jobs at once? "
+                                                                "Give each --threads 1", "min": 1})
     seed: int = 1337
     out_dir: str = "runs/part00_foundations"
     profile: bool = field(default=False, metadata={"help": "profile a few steps: print the op table, write trace.json"})
-    max_new_tokens: int = field(default=300, metadata={"help": "bytes to sample at the end"})
+    max_new_tokens: int = field(default=300, metadata={"help": "bytes to sample at the end", "min": 0})
 
 
 def encode(text: str) -> torch.Tensor:
@@ -114,6 +117,8 @@ def main(argv=None) -> dict:
     profile_steps = sum(PROFILE_SCHEDULE.values())
     if cfg.profile and cfg.max_iters < profile_steps:
         raise ValueError(f"--profile needs --max_iters >= {profile_steps} (got {cfg.max_iters})")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     out_dir = Path(cfg.out_dir)
@@ -169,9 +174,10 @@ def main(argv=None) -> dict:
                 optimizer.step()
             loss_value = loss.item()  # waits for the device, so the timing below is honest
             train_time += time.perf_counter() - t0
+            logger.log_step(it, loss_value)
             train_tokens += tokens_per_step
             if not math.isfinite(loss_value):
-                raise RuntimeError(
+                raise FloatingPointError(
                     f"loss is {loss_value} at iteration {it}: training diverged. "
                     f"Try a lower --learning_rate (now {cfg.learning_rate})."
                 )
@@ -180,7 +186,8 @@ def main(argv=None) -> dict:
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{train_tokens / train_time:,.0f}", refresh=False)
     synchronize(device)
     seconds = time.perf_counter() - start
-    plot_loss(records, out_dir / "loss.png", title=f"part00_foundations: {cfg.model}")
+    logger.close()
+    plot_loss(records, out_dir / "loss.png", title=f"part00_foundations: {cfg.model}", steps=read_steps(out_dir))
 
     # --- a sample: start from a newline and let the model write ---
     model.eval()
@@ -204,4 +211,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

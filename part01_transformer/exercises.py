@@ -1,108 +1,101 @@
-"""Part 1 exercises: build the Transformer's pieces yourself.
+"""Part 1 exercises: build the Transformer's pieces yourself, and check them against PyTorch's own.
 
 Fill in each function (replace `raise NotImplementedError`), then check your answers with
 
     pytest tests/test_part01_exercises.py -rs
 
-Untouched exercises are reported as skipped ("not attempted yet"). Every check compares your function
-with an independent reference (torch.nn.functional.scaled_dot_product_attention, torch.nn.LayerNorm,
-the formula from the paper) and tells you what differs. Stuck? part01_transformer/solutions.py has
-the answers, and model.py the same ideas inside the model.
+Untouched exercises are reported as skipped ("not attempted yet"). Each exercise states a goal and
+the check compares your function with an outside reference (torch.nn.functional.scaled_dot_product_attention,
+torch.nn.MultiheadAttention, torch.nn.LayerNorm and autograd, this chapter's position table) and tells
+you what differs; ex05 is an experiment whose result must land in the range the reference measured.
+Stuck? part01_transformer/solutions.py has the answers.
 """
 import math  # noqa: F401  (you will want math.sqrt)
 
 import torch  # noqa: F401
 
 
-def ex01_sinusoidal_positions(block_size: int, n_embd: int) -> torch.Tensor:
-    """The sinusoidal position table of Vaswani et al. 2017 (section 3.5).
+def ex01_position_shift_matrix(k: int, n_embd: int) -> torch.Tensor:
+    """Why sinusoids? Vaswani et al. 2017 (section 3.5) chose them because "for any fixed offset k,
+    PE[pos + k] can be represented as a linear function of PE[pos]": a layer can learn to look k
+    tokens back without knowing where it is. Find that linear function.
 
-    Return a float tensor of shape (block_size, n_embd) with, for position pos and i = 0, 1, ...:
+    PE is the table of sinusoidal_positions in model.py (section 3.5 of the paper):
         PE[pos, 2i]   = sin(pos / 10000 ** (2i / n_embd))
         PE[pos, 2i+1] = cos(pos / 10000 ** (2i / n_embd))
-    n_embd is even. Positions start at 0, so row 0 is [0, 1, 0, 1, ...].
-
-    Hints: torch.arange(0, n_embd, 2) gives the values of 2i; broadcast a (T, 1) column of positions
-    against a row of frequencies; table[:, 0::2] and table[:, 1::2] select the even and odd channels.
+    Return a float tensor M of shape (n_embd, n_embd) such that, for every position pos,
+        PE[pos + k] = M @ PE[pos]
+    The same M must work at every position (it depends only on k). n_embd is even; k >= 0.
     """
     raise NotImplementedError
 
 
-def ex02_causal_mask(T: int) -> torch.Tensor:
-    """The causal mask for T tokens: a bool tensor (T, T) whose entry [t, s] is True when query t may
-    look at key s, i.e. when s <= t (a token sees itself and the past, never the future).
+def ex02_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Scaled dot-product attention (Vaswani et al. 2017, section 3.2.1), written out by hand.
 
-    Hint: torch.tril keeps the lower triangle, the diagonal included.
+    q: (..., T, d) queries; k: (..., S, d) keys; v: (..., S, d_v) values. T and S may differ (a decode
+    step has T = 1; cross-attention reads another sequence), d_v may differ from d, and the leading
+    dimensions (batch, heads) may be any number, including none.
+    mask: None (every query sees every key) or a bool tensor broadcastable to (..., T, S),
+    True where query t may look at key s. Every query row keeps at least one key.
+
+    Goal: return (..., T, d_v), equal to
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    without calling it (or any other attention function): the check compares with it on random
+    inputs, with and without masks.
     """
     raise NotImplementedError
 
 
-def ex03_attention_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Causal attention weights from queries and keys, both of shape (..., T, head_size).
+def ex03_multi_head_attention(x: torch.Tensor, in_proj_weight: torch.Tensor, in_proj_bias: torch.Tensor,
+                              out_proj_weight: torch.Tensor, out_proj_bias: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Causal multi-head self-attention from the weights of a torch.nn.MultiheadAttention.
 
-    Return (..., T, T) where row t is a probability distribution over the keys 0..t:
-      1. scores = q @ k^T                       (how well query t matches key s)
-      2. divide by sqrt(head_size)              (keeps the scores' variance ~1)
-      3. set the scores of future keys (s > t) to -inf
-      4. softmax over the keys (the last dimension)
-    Leading dimensions (batch, heads) may be any number, including none.
+    x: (B, T, C). The weights are those of mha = torch.nn.MultiheadAttention(C, n_head, batch_first=True):
+        in_proj_weight (3C, C) and in_proj_bias (3C,): the query, key and value projections stacked, in
+            that order (nn.Linear's layout: y = x @ W.T + b);
+        out_proj_weight (C, C), out_proj_bias (C,): the output projection.
+    Head h works on channels h*C/n_head .. (h+1)*C/n_head - 1 of the queries, keys and values, with its
+    own attention; the heads' outputs are concatenated in order and projected.
 
-    Hints: k.transpose(-2, -1); scores.masked_fill(~mask, float("-inf")); torch.softmax(..., dim=-1).
+    Goal: return (B, T, C), equal to what PyTorch computes with a causal mask:
+        causal = torch.ones(T, T, dtype=torch.bool).triu(1)     # nn.MultiheadAttention: True = NOT allowed
+        mha(x, x, x, attn_mask=causal, need_weights=False)[0]
+    without calling nn.MultiheadAttention or F.multi_head_attention_forward (your ex02 is welcome).
     """
     raise NotImplementedError
 
 
-def ex04_single_head_attention(x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor,
-                               w_v: torch.Tensor) -> torch.Tensor:
-    """One head of causal self-attention. x: (B, T, C); w_q, w_k, w_v: (C, head_size).
+def ex04_layer_norm_backward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, grad_out: torch.Tensor,
+                             eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LayerNorm (Ba et al. 2016, https://arxiv.org/abs/1607.06450), forward and backward, by hand.
 
-    Project the tokens to queries, keys and values (q = x @ w_q, ...), compute the causal attention
-    weights (scaled, masked, softmax, as in ex03) and return the weighted sum of the values,
-    shape (B, T, head_size).
+    Forward, over the last dimension (size C) of x (..., C), as torch.nn.LayerNorm computes it: each
+    vector is normalised to mean 0 and variance 1 (the biased variance, dividing by C), with eps added
+    to the variance, then scaled by weight (C,) and shifted by bias (C,): out = x_hat * weight + bias.
+
+    Backward: given grad_out = dL/d(out) (same shape as x) for some loss L, return the gradients of L
+    with respect to x, weight and bias. Work them out on paper (the chain rule through the mean and
+    the variance; x_hat has zero mean and unit variance, which simplifies the result) and write them
+    as tensor formulas.
+
+    Return (out, grad_x, grad_weight, grad_bias), shaped like x, x, weight, bias. The check compares
+    with torch.nn.LayerNorm and autograd; it does not let you call autograd or F.layer_norm yourself.
     """
     raise NotImplementedError
 
 
-def ex05_split_heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Split the channels of x (B, T, C) into n_head heads: return (B, n_head, T, head_size),
-    head_size = C // n_head, where head h holds the channels h*head_size ... (h+1)*head_size - 1.
+def ex05_attention_peakiness(head_size: int) -> tuple[float, float]:
+    """Experiment: what does the 1/sqrt(head_size) in attention do?
 
-    Hint: first view as (B, T, n_head, head_size), then swap two dimensions. Viewing straight
-    as (B, n_head, T, head_size) has the right shape but mixes up tokens and heads.
-    """
-    raise NotImplementedError
+    Draw random queries and keys with independent standard-normal entries: at least 1,000 independent
+    rows (queries), each attending over 32 keys, all of size head_size. Compute the attention weights
+    (softmax over the 32 keys, no mask) twice: with the scores q . k divided by sqrt(head_size), and
+    without. For each, measure the mean over the queries of the largest weight in the row (1/32 means
+    the query spreads its attention evenly; 1 means it looks at one key only).
 
-
-def ex06_merge_heads(y: torch.Tensor) -> torch.Tensor:
-    """The inverse of ex05: concatenate the heads of y (B, n_head, T, head_size) along the channels,
-    returning (B, T, n_head * head_size) with head 0's channels first, then head 1's, ...
-
-    Hint: bring T next to B first; after a transpose call .contiguous() (or use .reshape) before .view.
-    """
-    raise NotImplementedError
-
-
-def ex07_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """LayerNorm (Ba et al. 2016) over the last dimension, as torch.nn.LayerNorm computes it.
-
-    For each token (each vector along the last dim, size C): subtract its mean, divide by
-    sqrt(variance + eps), then multiply by weight (C,) and add bias (C,). The variance is the
-    *biased* one: the mean of the squared deviations, dividing by C (not C - 1).
-
-    Hint: x.mean(dim=-1, keepdim=True); torch.var's default is the unbiased variance.
-    """
-    raise NotImplementedError
-
-
-def ex08_pre_norm_block(x: torch.Tensor, ln_1, attn, ln_2, mlp) -> torch.Tensor:
-    """A pre-norm Transformer block (GPT-2): two residual sublayers, each reading a normalized copy
-    of the stream and adding its result back to the un-normalized stream:
-
-        x = x + attn(ln_1(x))
-        x = x + mlp(ln_2(x))
-
-    ln_1, attn, ln_2 and mlp are functions (nn.Modules) from (B, T, C) to (B, T, C). Note the
-    second line reads the x that already contains the attention output. (The original Transformer
-    was post-norm, x = ln(x + sublayer(x)); pre-norm trains more stably in deep stacks.)
+    Return (mean largest weight with the scale, mean largest weight without the scale).
+    Then try head_size 4, 16, 64, 256: which of the two depends on the head size, and why would a
+    softmax that puts all its weight on one key be hard to train (Vaswani et al. 2017, footnote 4)?
     """
     raise NotImplementedError

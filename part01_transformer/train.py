@@ -23,9 +23,9 @@ import torch
 from tqdm import tqdm
 
 from part01_transformer.model import GPT, GPTConfig
-from shared.config import parse_config
+from shared.config import check_bounds, parse_config, run_cli
 from shared.device import autocast, pick_device
-from shared.metrics import MetricsLogger, plot_loss, read_metrics
+from shared.metrics import MetricsLogger, plot_loss, read_metrics, read_steps
 
 DIGITS = "0123456789"
 SEP = "|"
@@ -36,26 +36,31 @@ TASKS = ("reverse", "copy")
 @dataclass
 class TrainConfig:
     task: str = field(default="reverse", metadata={"help": "what the answer is", "choices": list(TASKS)})
-    seq_len: int = field(default=8, metadata={"help": "digits per example (the line is 2*seq_len+1 tokens)"})
-    block_size: int | None = field(default=None, metadata={"help": "model context; none = 2*seq_len, all it needs"})
-    n_layer: int = field(default=2, metadata={"help": "Transformer blocks"})
-    n_head: int = field(default=4, metadata={"help": "attention heads per block"})
-    n_embd: int = field(default=64, metadata={"help": "width of the residual stream"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout probability (fresh data every step: none needed)"})
+    seq_len: int = field(default=8, metadata={"help": "digits per example (the line is 2*seq_len+1 tokens)", "min": 1})
+    block_size: int | None = field(default=None, metadata={"help": "model context; none = 2*seq_len, all it needs",
+                                                               "min": 1})
+    n_layer: int = field(default=2, metadata={"help": "Transformer blocks", "min": 1})
+    n_head: int = field(default=4, metadata={"help": "attention heads per block", "min": 1})
+    n_embd: int = field(default=64, metadata={"help": "width of the residual stream", "min": 1})
+    dropout: float = field(default=0.0, metadata={"help": "dropout probability (fresh data every step: none needed)",
+                                                          "min": 0, "max": 0.99})
     bias: bool = field(default=True, metadata={"help": "biases in Linear layers and LayerNorms"})
     pos_embedding: str = field(default="learned", metadata={"help": "position vectors",
                                                             "choices": ["learned", "sinusoidal"]})
-    batch_size: int = field(default=64, metadata={"help": "lines per training step"})
-    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (constant)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this; 0 = off"})
-    max_iters: int = field(default=500, metadata={"help": "training steps"})
-    eval_interval: int = field(default=50, metadata={"help": "evaluate and log every this many steps"})
-    eval_iters: int = field(default=10, metadata={"help": "batches averaged for train_loss/val_loss"})
-    val_size: int = field(default=500, metadata={"help": "held-out lines for val_loss and accuracy"})
+    batch_size: int = field(default=64, metadata={"help": "lines per training step", "min": 1})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (constant)", "min": 0})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "min": 0})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this; 0 = off", "min": 0})
+    max_iters: int = field(default=500, metadata={"help": "training steps", "min": 0})
+    eval_interval: int = field(default=50, metadata={"help": "evaluate and log every this many steps", "min": 1})
+    eval_iters: int = field(default=10, metadata={"help": "batches averaged for train_loss/val_loss", "min": 1})
+    val_size: int = field(default=500, metadata={"help": "held-out lines for val_loss and accuracy", "min": 1})
     device: str = field(default="auto", metadata={"help": "auto (cuda, then mps, then cpu), cpu, cuda or mps"})
     dtype: str = field(default="float32", metadata={"help": "autocast dtype",
                                                     "choices": ["float32", "bfloat16", "float16"]})
+    threads: int | None = field(default=None, metadata={"help": "CPU threads for torch; none = torch's default "
+                                                                "(the physical cores). Running two jobs at once? "
+                                                                "Give each --threads 1", "min": 1})
     seed: int = field(default=1337, metadata={"help": "seeds the model init and the training lines"})
     out_dir: str = field(default="runs/part01_transformer", metadata={"help": "where metrics and plots go"})
 
@@ -151,14 +156,22 @@ def plot_attention(maps: torch.Tensor, tokens: str, path=None, title: str = ""):
 # --- Training ----------------------------------------------------------------------------------
 
 
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse settings that cannot work, before anything is written (ValueError, one line each)."""
+    check_bounds(cfg)  # --seq_len, --eval_interval, --grad_clip, ... within their "min"/"max" (see TrainConfig)
+    if cfg.n_embd % cfg.n_head:
+        raise ValueError(f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
+    if cfg.block_size is not None and cfg.block_size < 2 * cfg.seq_len:
+        raise ValueError(f"--block_size {cfg.block_size} is too short: a line of --seq_len {cfg.seq_len} "
+                         f"needs {2 * cfg.seq_len} tokens of context")
+
+
 def train(cfg: TrainConfig):
     """Train on cfg.task; return (model, results). main() wraps this for the command line."""
-    if cfg.seq_len < 1 or cfg.eval_interval < 1 or cfg.max_iters < 0:
-        raise ValueError("--seq_len and --eval_interval must be at least 1, --max_iters at least 0")
+    check_config(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     block_size = cfg.block_size or 2 * cfg.seq_len
-    if block_size < 2 * cfg.seq_len:
-        raise ValueError(f"--block_size {block_size} is too short: a line of --seq_len {cfg.seq_len} "
-                         f"needs {2 * cfg.seq_len} tokens of context")
     device = pick_device(cfg.device)
     autocast(device, cfg.dtype)  # fail early on an unsupported dtype
     torch.manual_seed(cfg.seed)
@@ -207,19 +220,21 @@ def train(cfg: TrainConfig):
         with autocast(device, cfg.dtype):
             _, loss = model(x.to(device), y.to(device))
         if not math.isfinite(loss.item()):
-            raise RuntimeError(f"loss became {loss.item()} at iteration {it}; "
+            raise FloatingPointError(f"loss became {loss.item()} at iteration {it}; "
                                f"try a lower --learning_rate (now {cfg.learning_rate})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
+        logger.log_step(it, loss.item())
         interval_iters += 1
     seconds = time.perf_counter() - start
     bar.close()
+    logger.close()
 
     records = read_metrics(logger.path)
-    plot_loss(records, out_dir / "loss.png", title=f"part01: {cfg.task} {cfg.seq_len} digits")
+    plot_loss(records, out_dir / "loss.png", title=f"part01: {cfg.task} {cfg.seq_len} digits", steps=read_steps(out_dir))
     model.eval()
     example = val_lines[0]
     _, predicted = answer_accuracy(model, example[None], cfg.seq_len, device)
@@ -239,10 +254,10 @@ def train(cfg: TrainConfig):
 
 
 def main(argv=None) -> dict:
-    cfg = parse_config(TrainConfig, argv, description=__doc__.splitlines()[0])
+    cfg = parse_config(TrainConfig, argv, description=__doc__.splitlines()[0], check=check_config)
     _, results = train(cfg)
     return results
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

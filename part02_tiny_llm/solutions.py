@@ -1,6 +1,8 @@
 """Part 2 reference solutions. Try exercises.py first; `pytest tests/test_part02_exercises.py -rs` checks both."""
+import math
+
 import torch
-import torch.nn as nn
+import torch.nn as nn  # noqa: F401
 from torch.nn import functional as F
 
 
@@ -19,41 +21,47 @@ def ex01_utf8_encode(text: str) -> list[int]:
     return out
 
 
-def ex02_get_batch(data: torch.Tensor, starts: torch.Tensor, block_size: int):
-    positions = starts[:, None] + torch.arange(block_size)  # (B, T)
-    return data[positions], data[positions + 1]
-
-
-def ex03_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def ex02_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     logits, targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)
     keep = targets != -1
-    log_probs = F.log_softmax(logits[keep], dim=-1)  # (N, V)
-    return -log_probs.gather(1, targets[keep][:, None]).mean()
+    log_probs = F.log_softmax(logits[keep], dim=-1)  # (N, V); stable: subtracts each row's max
+    nll = -log_probs.gather(1, targets[keep][:, None]).squeeze(1)  # -log p(right token)
+    uniform = -log_probs.mean(dim=-1)  # the loss against a target spread evenly over the V tokens
+    return ((1 - label_smoothing) * nll + label_smoothing * uniform).mean()
 
 
-def ex04_temperature_top_k(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
+def ex03_top_p_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the tokens ranked above
+    keep_sorted = mass_before < top_p  # the token that crosses top_p still has less than top_p above it
+    return keep_sorted.scatter(-1, order, keep_sorted)  # back to vocabulary order
+
+
+def ex04_sample_without_multinomial(logits: torch.Tensor, temperature: float, top_k: int | None,
+                                    generator: torch.Generator) -> torch.Tensor:
     logits = logits / temperature
     if top_k is not None:
         kth_best = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
-    return F.softmax(logits, dim=-1)
+    # Gumbel-max: argmax(logits + Gumbel noise) is distributed as softmax(logits). Gumbel = -log(-log U).
+    uniform = torch.rand(logits.shape, generator=generator, dtype=torch.float64).clamp_(min=1e-300)
+    gumbel = -torch.log(-torch.log(uniform))
+    return torch.argmax(logits.double() + gumbel, dim=-1)
 
 
-def ex05_top_p_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    keep_sorted = mass_before < top_p
-    return keep_sorted.scatter(-1, order, keep_sorted)
-
-
-def ex06_split_decay_params(model: nn.Module) -> tuple[list[str], list[str]]:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (decay if p.dim() >= 2 else no_decay).append(name)
-    return decay, no_decay
-
-
-def ex07_clip_grad_norm(grads: list[torch.Tensor], max_norm: float) -> tuple[list[torch.Tensor], torch.Tensor]:
+def ex05_clip_grad_norm(grads: list[torch.Tensor], max_norm: float) -> tuple[list[torch.Tensor], torch.Tensor]:
     total_norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).to(grads[0].dtype)
     scale = min(1.0, max_norm / (total_norm.item() + 1e-6))
     return [g * scale for g in grads], total_norm
+
+
+def ex06_sample_surprise(log_probs: torch.Tensor, temperature: float) -> float:
+    generator = torch.Generator().manual_seed(0)
+    sampling_probs = F.softmax(log_probs / temperature, dim=-1)  # (V, V): one row per current token
+    current, bits = ord("\n"), 0.0
+    n_tokens = 4000
+    for _ in range(n_tokens):
+        following = torch.multinomial(sampling_probs[current], 1, generator=generator).item()
+        bits += -log_probs[current, following].item() / math.log(2)  # scored at temperature 1
+        current = following
+    return bits / n_tokens

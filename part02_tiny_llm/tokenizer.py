@@ -8,6 +8,10 @@ frequent pairs into longer tokens (a later chapter); here we stop at the bytes, 
 Decoding can meet byte sequences that are not valid UTF-8: a model can sample 0xC3 and then a byte
 that cannot follow it, or stop in the middle of a character. We decode with errors="replace", so each
 broken sequence becomes U+FFFD (the "?" diamond) instead of an exception in the middle of sampling.
+
+Encoding can meet a str that has no UTF-8 at all: one with lone surrogates (U+D800..U+DFFF). Python makes
+them out of bytes that are not UTF-8, e.g. a prompt typed as $'\xff' in a shell arrives in sys.argv as
+"\udcff". Like tiktoken and part 4's BPE, we encode each lone surrogate as U+FFFD instead of crashing.
 """
 import numpy as np
 import torch
@@ -15,9 +19,18 @@ import torch
 VOCAB_SIZE = 256  # every byte value 0..255 is a token
 
 
+def utf8(text: str) -> bytes:
+    """text's UTF-8 bytes; a lone surrogate (no UTF-8 exists for it) becomes U+FFFD, as in tiktoken."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8")
+
+
 def encode(text: str) -> list[int]:
-    """Text -> token ids in 0..255 (its UTF-8 bytes). decode(encode(s)) == s for every string s."""
-    return list(text.encode("utf-8"))
+    """Text -> token ids in 0..255 (its UTF-8 bytes). decode(encode(s)) == s for every string s without
+    lone surrogates."""
+    return list(utf8(text))
 
 
 def decode(tokens) -> str:
@@ -29,4 +42,4 @@ def decode(tokens) -> str:
 
 def encode_tensor(text: str) -> torch.Tensor:
     """The same ids as encode(text), as a uint8 tensor: fast for a whole corpus (1 byte per token)."""
-    return torch.from_numpy(np.frombuffer(text.encode("utf-8"), dtype=np.uint8).copy())  # copy: writable
+    return torch.from_numpy(np.frombuffer(utf8(text), dtype=np.uint8).copy())  # copy: writable

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from part03_modern.generate import load_model
 from part03_modern.model import GPT
 from part03_modern.tokenizer import encode_tensor
-from shared.config import parse_config
+from shared.config import parse_config, run_cli
 from shared.data import load_text, train_val_split
 from shared.device import pick_device
 
@@ -45,17 +45,33 @@ from shared.device import pick_device
 class LongContextConfig:
     out_dir: str = field(default="runs/part03_modern", metadata={"help": "folder with ckpt.pt; results go here"})
     data: str = field(default="shakespeare", metadata={"help": "text whose validation split (last tenth) we score"})
-    seq_len: int = field(default=4096, metadata={"help": "bytes per scored sequence"})
-    num_seqs: int = field(default=8, metadata={"help": "sequences, at random places in the validation text"})
+    seq_len: int = field(default=4096, metadata={"help": "bytes per scored sequence", "min": 1})
+    num_seqs: int = field(default=8, metadata={"help": "sequences, at random places in the validation text", "min": 1})
     buckets: str = field(default="64,256,1024", metadata={
         "help": "bucket edges (positions), comma-separated; the buckets run from 0 to seq_len"})
-    n_sink: int = field(default=4, metadata={"help": "attention sinks of the window + sinks mode"})
+    n_sink: int = field(default=4, metadata={"help": "attention sinks of the window + sinks mode", "min": 0})
     same_budget: bool = field(default=False, metadata={
         "help": "window + sinks: take the sinks out of the window (window - n_sink recent bytes + n_sink sinks)"})
     recompute_stride: int = field(default=4, metadata={
-        "help": "recompute mode: score every k-th position past the first window (1 = all: slow); 0 = skip"})
+        "help": "recompute mode: score every k-th position past the first window (1 = all: slow); 0 = skip",
+        "min": 0})
     device: str = field(default="cpu", metadata={"help": "auto, cpu, cuda or mps"})
     seed: int = 1337
+
+
+def parse_buckets(text: str) -> list[int]:
+    """"64,256,1024" -> [64, 256, 1024]; a ValueError unless they are increasing positive integers."""
+    try:
+        edges = [int(e) for e in text.split(",") if e.strip()]
+    except ValueError:
+        raise ValueError(f"--buckets must be comma-separated positions such as 64,256,1024, got {text!r}") from None
+    if edges != sorted(set(edges)) or any(e < 1 for e in edges):
+        raise ValueError(f"--buckets must be increasing positive positions, got {text!r}")
+    return edges
+
+
+def check_config(cfg) -> None:
+    parse_buckets(cfg.buckets)
 
 
 def with_attention(model: GPT, **changes) -> GPT:
@@ -136,16 +152,14 @@ def plot(losses: dict[str, torch.Tensor], seq_len: int, trained_len: int, traine
 
 
 def main(argv=None) -> dict:
-    cfg = parse_config(LongContextConfig, argv, description=__doc__.splitlines()[0])
+    cfg = parse_config(LongContextConfig, argv, description=__doc__.splitlines()[0], check=check_config)
     device = pick_device(cfg.device)
     model = load_model(Path(cfg.out_dir) / "ckpt.pt", device)
     trained = model.config
     window = trained.window_size or trained.block_size  # the span the model trained with
     if not 0 <= cfg.n_sink < window:
         raise ValueError(f"--n_sink {cfg.n_sink} must be between 0 and the window ({window}) minus 1")
-    edges = [0, *(int(e) for e in cfg.buckets.split(",") if int(e) < cfg.seq_len), cfg.seq_len]
-    if edges != sorted(set(edges)):
-        raise ValueError(f"--buckets must be increasing positive positions (got {cfg.buckets!r})")
+    edges = [0, *(e for e in parse_buckets(cfg.buckets) if e < cfg.seq_len), cfg.seq_len]
 
     _, val_data = train_val_split(encode_tensor(load_text(cfg.data)))
     if len(val_data) <= cfg.seq_len + 1:
@@ -199,4 +213,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

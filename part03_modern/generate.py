@@ -9,6 +9,7 @@ tokens we generate, so this can run for as long as you like.
     python part03_modern/generate.py --start "ROMEO:" --temperature 0.5
 """
 import codecs
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from tqdm import tqdm
 
 from part03_modern.model import GPT, GPTConfig
 from part03_modern.tokenizer import decode, encode
-from shared.config import parse_config
+from shared.config import parse_config, run_cli
 from shared.device import pick_device
 
 
@@ -29,14 +30,25 @@ from shared.device import pick_device
 class GenerateConfig:
     out_dir: str = field(default="runs/part03_modern", metadata={"help": "folder holding ckpt.pt"})
     start: str = field(default="\n", metadata={"help": "the prompt to continue; default: a newline"})
-    max_new_tokens: int = 2000
-    temperature: float = field(default=0.8, metadata={"help": "< 1 sharper, > 1 flatter, 0 = greedy"})
-    top_k: int | None = field(default=None, metadata={"help": "keep the k likeliest tokens; none = off"})
-    top_p: float | None = field(default=0.95, metadata={"help": "nucleus sampling; none = off"})
+    max_new_tokens: int = field(default=2000, metadata={"help": "bytes to generate", "min": 1})
+    temperature: float = field(default=0.8, metadata={"help": "< 1 sharper, > 1 flatter, 0 = greedy", "min": 0})
+    top_k: int | None = field(default=None, metadata={"help": "keep the k likeliest tokens (1 = greedy); none = off",
+                                                      "min": 1})
+    top_p: float | None = field(default=0.95, metadata={"help": "nucleus sampling, a probability mass in (0, 1]; "
+                                                                "none = off", "max": 1})
     use_cache: bool = field(default=True, metadata={"help": "KV cache (rolling buffer); off = recompute each step"})
     stream: bool = field(default=False, metadata={"help": "print the text as it is generated (no progress bar)"})
     seed: int = 1337
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
+
+
+def check_config(cfg) -> None:
+    """The rules min/max cannot say. (--top_k 0 and --top_p 0 would keep no token at all: refused; greedy
+    decoding is --temperature 0, or --top_k 1.)"""
+    if cfg.top_p is not None and cfg.top_p <= 0:
+        raise ValueError(f"--top_p must be in (0, 1], got {cfg.top_p}; --top_p none turns nucleus sampling off")
+    if not math.isfinite(cfg.temperature):
+        raise ValueError(f"--temperature must be a finite number >= 0, got {cfg.temperature}")
 
 
 def load_model(ckpt_path, device: str = "cpu") -> GPT:
@@ -65,17 +77,19 @@ def generate_text(model: GPT, start: str, num_samples: int, max_new_tokens: int,
 
 
 def main(argv=None) -> dict:
-    cfg = parse_config(GenerateConfig, argv, description=__doc__.splitlines()[0])
+    cfg = parse_config(GenerateConfig, argv, description=__doc__.splitlines()[0], check=check_config)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = load_model(Path(cfg.out_dir) / "ckpt.pt", device)
     kv_cache = model.new_kv_cache(batch_size=1) if cfg.use_cache else None
-    tokens = model.stream(prompt_tensor(model, cfg.start), cfg.max_new_tokens, cfg.temperature, cfg.top_k,
-                          cfg.top_p, use_cache=cfg.use_cache, kv_cache=kv_cache)
+    prompt = prompt_tensor(model, cfg.start)
+    tokens = model.stream(prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                          use_cache=cfg.use_cache, kv_cache=kv_cache)
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span several bytes
-    pieces = [cfg.start]
+    start = decode(prompt[0])  # the prompt as the model sees it: a lone surrogate ($'\xff') is U+FFFD
+    pieces = [start]
     if cfg.stream:
-        sys.stdout.write(cfg.start)
+        sys.stdout.write(start)
     else:
         tokens = tqdm(tokens, total=cfg.max_new_tokens, desc="generate", unit="tok", dynamic_ncols=True)
     begin = time.perf_counter()
@@ -97,4 +111,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -10,7 +10,6 @@ grouped-query attention). The flags for the new parts are --n_kv_head, --rope_th
     python part03_modern/train.py --help                 # every flag with its default
 """
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,50 +23,71 @@ from tqdm import tqdm
 from part03_modern.model import GPT, GPTConfig
 from part03_modern.generate import generate_text
 from part03_modern.tokenizer import VOCAB_SIZE, encode_tensor
-from shared.config import parse_config
+from shared.checkpoint import atomic_save, check_fresh_run_dir, lock_run_dir
+from shared.config import check_bounds, parse_config, run_cli
 from shared.data import load_text, train_val_split
 from shared.device import autocast, pick_device
-from shared.metrics import MetricsLogger, plot_loss, read_metrics
+from shared.metrics import MetricsLogger, plot_loss, read_metrics, read_steps
 
 
 @dataclass
 class TrainConfig:
     data: str = field(default="shakespeare", metadata={"help": "shakespeare, tinyshakespeare or a UTF-8 text file"})
     # the model
-    block_size: int = field(default=64, metadata={"help": "context length in bytes"})
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
+    block_size: int = field(default=64, metadata={"help": "context length in bytes", "min": 1})
+    n_layer: int = field(default=4, metadata={"min": 1})
+    n_head: int = field(default=4, metadata={"min": 1})
+    n_embd: int = field(default=128, metadata={"min": 1})
+    dropout: float = field(default=0.0, metadata={"min": 0, "max": 0.99})
     bias: bool = False
-    n_kv_head: int | None = field(default=2, metadata={"help": "key/value heads (GQA); none = n_head, 1 = MQA"})
-    rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base frequency"})
-    window_size: int | None = field(default=None, metadata={"help": "sliding-window attention; none = full"})
-    n_sink: int = field(default=0, metadata={"help": "attention sinks kept visible with a window"})
+    n_kv_head: int | None = field(default=2, metadata={"help": "key/value heads (GQA); none = n_head, 1 = MQA",
+                                                       "min": 1})
+    rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base frequency", "min": 1e-9})
+    window_size: int | None = field(default=None, metadata={"help": "sliding-window attention; none = full", "min": 1})
+    n_sink: int = field(default=0, metadata={"help": "attention sinks kept visible with a window", "min": 0})
     norm: str = field(default="rmsnorm", metadata={"choices": ["rmsnorm", "layernorm"]})
     # the optimisation
-    batch_size: int = 12
-    learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate (at the start)"})
+    batch_size: int = field(default=12, metadata={"min": 1})
+    learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate (at the start)", "min": 0})
     decay_lr: bool = field(default=True, metadata={"help": "cosine-decay the learning rate to 1/10 by max_iters"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay of the weight matrices"})
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this; 0 = off"})
-    max_iters: int = 3500
-    eval_interval: int = 500
-    eval_iters: int = field(default=50, metadata={"help": "batches averaged for train_loss/val_loss"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay of the weight matrices", "min": 0})
+    beta1: float = field(default=0.9, metadata={"min": 0, "max": 0.9999})
+    beta2: float = field(default=0.99, metadata={"min": 0, "max": 0.9999})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this; 0 = off",
+                                                    "min": 0})
+    max_iters: int = field(default=3500, metadata={"min": 0})
+    eval_interval: int = field(default=500, metadata={"min": 1})
+    eval_iters: int = field(default=50, metadata={"help": "batches averaged for train_loss/val_loss", "min": 1})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (slow start, faster steps)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
     dtype: str = field(default="float32", metadata={"choices": ["float32", "bfloat16", "float16"]})
+    threads: int | None = field(default=None, metadata={"help": "CPU threads for torch; none = torch's default "
+                                                                "(the physical cores). Running two jobs at once? "
+                                                                "Give each --threads 1", "min": 1})
+    overwrite: bool = field(default=False, metadata={"help": "a run may replace the run already in out_dir"})
     seed: int = 1337
     out_dir: str = "runs/part03_modern"
     # the sample printed at the end (generate.py does the same from the saved checkpoint)
     start: str = field(default="\n", metadata={"help": "prompt for the samples; the default is a newline"})
-    num_samples: int = 1
-    max_new_tokens: int = 500
-    temperature: float = 0.8
-    top_k: int | None = None
-    top_p: float | None = field(default=0.95, metadata={"help": "nucleus sampling; none = off"})
+    num_samples: int = field(default=1, metadata={"min": 1})
+    max_new_tokens: int = field(default=500, metadata={"min": 0})
+    temperature: float = field(default=0.8, metadata={"help": "0 = greedy", "min": 0})
+    top_k: int | None = field(default=None, metadata={"help": "keep the k likeliest tokens; none = off", "min": 0})
+    top_p: float | None = field(default=0.95, metadata={"help": "nucleus sampling; none = off", "min": 0, "max": 1})
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse settings that cannot work, before anything is loaded or written (ValueError, one line each)."""
+    check_bounds(cfg)
+    if not cfg.start:
+        raise ValueError("--start is empty; the samples need a prompt of at least one character, e.g. a newline")
+    if cfg.n_embd % cfg.n_head:
+        raise ValueError(f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
+    if (cfg.n_embd // cfg.n_head) % 2:
+        raise ValueError(f"the head size n_embd / n_head = {cfg.n_embd // cfg.n_head} must be even: RoPE rotates "
+                         "channel pairs")
+    if cfg.n_kv_head is not None and cfg.n_head % cfg.n_kv_head:
+        raise ValueError(f"--n_head {cfg.n_head} must be a multiple of --n_kv_head {cfg.n_kv_head}")
 
 
 # --- Data ----------------------------------------------------------------------------------------
@@ -122,9 +142,7 @@ def save_checkpoint(path: Path, model: GPT, **extra) -> None:
     (weights_only refuses to run arbitrary pickled code from a file someone gave you).
     """
     checkpoint = {"model": model.state_dict(), "model_config": asdict(model.config), **extra}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)  # atomic on POSIX and Windows
+    atomic_save(checkpoint, path)  # a temporary file, then a rename (shared/checkpoint.py)
 
 
 # --- Training ----------------------------------------------------------------------------------
@@ -132,13 +150,15 @@ def save_checkpoint(path: Path, model: GPT, **extra) -> None:
 
 def train(cfg: TrainConfig):
     """Train a byte-level GPT on cfg.data; return (model, results). main() wraps this for the CLI."""
-    if not cfg.start:
-        raise ValueError("--start is empty; the samples need a prompt of at least one character, e.g. a newline")
+    check_config(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
     autocast(device, cfg.dtype)  # fail early on an unsupported dtype
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    run_lock = lock_run_dir(out_dir)  # noqa: F841  (held until the process ends: one run per out_dir)
+    check_fresh_run_dir(out_dir, cfg.overwrite)  # a finished run is not replaced by accident
 
     train_data, val_data = train_val_split(encode_tensor(load_text(cfg.data)))
     if len(val_data) <= cfg.block_size:
@@ -195,6 +215,7 @@ def train(cfg: TrainConfig):
         # by the same factor (max_norm=inf only measures it).
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf).item()
         optimizer.step()
+        logger.log_step(it, loss_value)
         step_seconds = time.perf_counter() - step_start
         train_seconds += step_seconds
         interval_seconds += step_seconds
@@ -203,9 +224,11 @@ def train(cfg: TrainConfig):
                         refresh=False)
     seconds = time.perf_counter() - start
     bar.close()
+    logger.close()
 
     records = read_metrics(logger.path)
-    plot_loss(records, out_dir / "loss.png", title=f"part03: modern byte-level GPT on {Path(cfg.data).name}")
+    plot_loss(records, out_dir / "loss.png", title=f"part03: modern byte-level GPT on {Path(cfg.data).name}",
+              steps=read_steps(out_dir))
     ckpt_path = out_dir / "ckpt.pt"
     save_checkpoint(ckpt_path, model, iter_num=cfg.max_iters, val_loss=records[-1]["val_loss"])
 
@@ -230,10 +253,10 @@ def train(cfg: TrainConfig):
 
 
 def main(argv=None) -> dict:
-    cfg = parse_config(TrainConfig, argv, description=__doc__.splitlines()[0])
+    cfg = parse_config(TrainConfig, argv, description=__doc__.splitlines()[0], check=check_config)
     _, results = train(cfg)
     return results
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

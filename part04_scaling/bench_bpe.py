@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root: `shared` and the chapter import from anywhere
 
 from part04_scaling.bpe import Tokenizer, train, train_naive
-from shared.config import parse_config
+from shared.config import parse_config, run_cli
 from shared.data import load_text, train_val_split
 
 
@@ -30,15 +30,17 @@ from shared.data import load_text, train_val_split
 class BenchConfig:
     data: str = field(default="shakespeare", metadata={"help": "shakespeare, tinyshakespeare or a UTF-8 text file"})
     small_bytes: int = field(default=1_100_000, metadata={"help": "train on the first this many bytes (the size of "
-                                                                   "TinyShakespeare)"})
+                                                                   "TinyShakespeare)", "min": 1})
     small_vocab_sizes: str = field(default="512,1024", metadata={"help": "comma-separated vocab sizes for those"})
     naive: bool = field(default=True, metadata={"help": "also time the naive trainer, on --naive_bytes of text"})
     naive_bytes: int = field(default=110_000, metadata={"help": "text for naive vs fast; the naive trainer needs "
-                                                                "~0.7 s per merge per MB of text"})
-    full_vocab_size: int = field(default=4096, metadata={"help": "vocab size for training on the whole text"})
+                                                                "~0.7 s per merge per MB of text", "min": 1})
+    full_vocab_size: int = field(default=4096, metadata={"help": "vocab size for training on the whole text",
+                                                         "min": 257})
     compression_vocab_sizes: str = field(default="256,512,1024,2048,4096,8192",
                                          metadata={"help": "vocab sizes (bytes + merges) for the compression table"})
-    repeats: int = field(default=3, metadata={"help": "tiktoken encodes this many times; we report the fastest"})
+    repeats: int = field(default=3, metadata={"help": "tiktoken encodes this many times; we report the fastest",
+                                              "min": 1})
     out: str | None = field(default="runs/part04_scaling/bench_bpe.json", metadata={"help": "JSON results; none = "
                                                                                            "don't write"})
 
@@ -58,8 +60,20 @@ def sizes(text: str) -> list[int]:
     return [int(s) for s in text.split(",") if s.strip()]
 
 
+def check_config(cfg: BenchConfig) -> None:
+    # The trained tokenizers hold the 256 bytes and <|endoftext|>; the compression table's, the bytes only.
+    for flag, text, smallest in (("--small_vocab_sizes", cfg.small_vocab_sizes, 257),
+                                 ("--compression_vocab_sizes", cfg.compression_vocab_sizes, 256)):
+        try:
+            values = sizes(text)
+        except ValueError:
+            raise ValueError(f"{flag} must be comma-separated integers, got {text!r}") from None
+        if min(values, default=smallest) < smallest or (flag == "--compression_vocab_sizes" and not values):
+            raise ValueError(f"{flag} must list vocabulary sizes >= {smallest}, got {text!r}")
+
+
 def main(argv=None) -> dict:
-    cfg = parse_config(BenchConfig, argv, description=__doc__.splitlines()[0])
+    cfg = parse_config(BenchConfig, argv, description=__doc__.splitlines()[0], check=check_config)
     text = load_text(cfg.data)
     results = dict(config=asdict(cfg), training=[], encoding={}, compression=[])
 
@@ -126,4 +140,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

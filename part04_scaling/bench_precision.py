@@ -1,7 +1,7 @@
 """Benchmark mixed precision for training: float32 vs bfloat16 autocast (and float16 + GradScaler on CUDA).
 
-The same model, from the same initial weights, trains on the same batches once per dtype, with train.py's
-own train_step (autocast, clipping, AdamW; the GradScaler for float16). We alternate the dtypes step by
+The same model, from the same initial weights, trains on the same batches once per dtype, with the steps
+of train.py (autocast, clipping, AdamW; the GradScaler for float16; see train_step). We alternate the dtypes step by
 step, so a noisy neighbour slows them alike, and report the median step time as tokens/s and the
 validation loss after the run (evaluated in float32, so it compares the trained weights, not the
 precision of the evaluation).
@@ -18,11 +18,12 @@ See Micikevicius et al. 2017, "Mixed Precision Training", https://arxiv.org/abs/
 Prints a markdown table and writes bench_precision.json into --out_dir.
 """
 import json
+import math
 import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root: `shared` and the chapter import from anywhere
@@ -32,12 +33,18 @@ from tqdm import tqdm
 
 from part04_scaling.model import GPT, GPTConfig
 from part04_scaling.tokenizer import encode_tensor, get_tokenizer
-from part04_scaling.train import TrainConfig, estimate_loss, get_batch, lr_at, train_step
-from shared.config import parse_config
+from part04_scaling.train import TrainConfig, estimate_loss, get_batch, lr_at
+from shared.config import parse_config, run_cli
 from shared.data import load_text, train_val_split
-from shared.device import pick_device, supports_dtype, synchronize
+from shared.device import autocast, pick_device, supports_dtype, synchronize
 
 DEFAULTS = TrainConfig()  # the model and batch of `python part04_scaling/train.py` unless a flag says otherwise
+TRAIN_FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def as_in_train(name: str):
+    """A flag like train.py's: its default, help and bounds."""
+    return field(default=getattr(DEFAULTS, name), metadata=TRAIN_FIELDS[name].metadata)
 
 
 @dataclass
@@ -46,22 +53,37 @@ class PrecisionConfig:
     dtypes: str = field(default="auto", metadata={"help": "comma-separated float32,bfloat16,float16; auto = float32 "
                                                           "and whatever this device supports"})
     steps: int = field(default=40, metadata={"help": "optimizer steps per dtype (bf16 on a CPU without native "
-                                                     "support: several seconds each)"})
-    skip_steps: int = field(default=3, metadata={"help": "first steps left out of the timing (warm-up)"})
-    warmup_iters: int = field(default=10, metadata={"help": "learning-rate warmup steps"})
-    eval_iters: int = field(default=10, metadata={"help": "validation batches for the final loss"})
-    data: str = DEFAULTS.data
-    vocab_size: int = DEFAULTS.vocab_size
-    block_size: int = DEFAULTS.block_size
-    n_layer: int = DEFAULTS.n_layer
-    n_head: int = DEFAULTS.n_head
-    n_kv_head: int | None = DEFAULTS.n_kv_head
-    n_embd: int = DEFAULTS.n_embd
-    batch_size: int = DEFAULTS.batch_size
-    learning_rate: float = DEFAULTS.learning_rate
-    threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads; none = PyTorch's default"})
+                                                     "support: several seconds each)", "min": 1})
+    skip_steps: int = field(default=3, metadata={"help": "first steps left out of the timing (warm-up); fewer than "
+                                                         "--steps", "min": 0})
+    warmup_iters: int = field(default=10, metadata={"help": "learning-rate warmup steps", "min": 0})
+    eval_iters: int = field(default=10, metadata={"help": "validation batches for the final loss", "min": 1})
+    data: str = as_in_train("data")
+    vocab_size: int = as_in_train("vocab_size")
+    block_size: int = as_in_train("block_size")
+    n_layer: int = as_in_train("n_layer")
+    n_head: int = as_in_train("n_head")
+    n_kv_head: int | None = as_in_train("n_kv_head")
+    n_embd: int = as_in_train("n_embd")
+    batch_size: int = as_in_train("batch_size")
+    learning_rate: float = as_in_train("learning_rate")
+    threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads; none = PyTorch's default",
+                                                        "min": 1})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
-    seed: int = DEFAULTS.seed
+    seed: int = as_in_train("seed")
+
+
+def check_config(cfg: PrecisionConfig) -> None:
+    """The rules that involve several flags (the bounds of each one are checked before)."""
+    if cfg.skip_steps >= cfg.steps:
+        raise ValueError(f"--skip_steps {cfg.skip_steps} leaves no step to time: it must be below --steps {cfg.steps}")
+    if cfg.n_embd % cfg.n_head:
+        raise ValueError(f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
+    if (cfg.n_embd // cfg.n_head) % 2:
+        raise ValueError(f"the head size n_embd / n_head = {cfg.n_embd // cfg.n_head} must be even: RoPE rotates "
+                         "channel pairs")
+    if cfg.n_kv_head is not None and cfg.n_head % cfg.n_kv_head:
+        raise ValueError(f"--n_head {cfg.n_head} must be a multiple of --n_kv_head {cfg.n_kv_head}")
 
 
 def cpu_bf16_flags() -> list[str]:
@@ -99,6 +121,21 @@ class Run:
         self.step_seconds, self.losses = [], []
 
 
+def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, lr: float, device: str) -> float:
+    """One optimizer step on one batch, as train.py takes it; returns the loss."""
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    with autocast(device, run.cfg.dtype):
+        _, loss = run.model(x.to(device), y.to(device))
+    run.scaler.scale(loss).backward()  # fp16: scaled up so small gradients survive
+    run.scaler.unscale_(run.optimizer)  # fp16: clip the true gradients (a no-op otherwise)
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip or math.inf)
+    run.scaler.step(run.optimizer)  # fp16: skips the step if any gradient overflowed to inf/nan
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| dtype | tokens/s (median step) | vs float32 | last-10-step train loss | val loss (fp32 eval) | "
              "Δ val loss vs float32 |", "| --- |" + " ---: |" * 5]
@@ -109,9 +146,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> dict:
-    cfg = parse_config(PrecisionConfig, argv, description=__doc__.splitlines()[0])
-    if cfg.steps <= cfg.skip_steps or cfg.skip_steps < 0 or cfg.eval_iters < 1:
-        raise ValueError(f"--steps ({cfg.steps}) must exceed --skip_steps ({cfg.skip_steps}) >= 0, --eval_iters >= 1")
+    cfg = parse_config(PrecisionConfig, argv, description=__doc__.splitlines()[0], check=check_config)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
@@ -138,10 +173,10 @@ def main(argv=None) -> dict:
         lr = lr_at(it, train_cfg)
         for dtype in dtypes if it % 2 == 0 else reversed(dtypes):  # alternate who goes first
             run = runs[dtype]
-            batch = [get_batch(train_data, cfg.batch_size, cfg.block_size, run.generator)]
+            x, y = get_batch(train_data, cfg.batch_size, cfg.block_size, run.generator)
             synchronize(device)
             begin = time.perf_counter()
-            loss, _ = train_step(run.model, run.optimizer, run.scaler, batch, lr, run.cfg, device)
+            loss = train_step(run, x, y, lr, device)
             synchronize(device)
             run.step_seconds.append(time.perf_counter() - begin)
             run.losses.append(loss)
@@ -173,4 +208,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

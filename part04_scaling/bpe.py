@@ -13,7 +13,7 @@ Read top to bottom:
   2. train_naive: the textbook trainer. It recounts every pair of the whole text after every merge.
   3. train: the same merges, fast. Count each distinct chunk once (with its frequency), keep the pair
      counts and an index pair -> chunks, and after a merge update only the chunks that contained the pair.
-  4. Tokenizer: encode (the same algorithm as tiktoken), decode, save/load, to_tiktoken.
+  4. Tokenizer: encode (the same ids as tiktoken), decode, save/load (to_dict/from_dict), to_tiktoken.
   5. get_tokenizer: train once, cache the JSON in data/, reload it afterwards.
 
     from part04_scaling.bpe import get_tokenizer
@@ -308,7 +308,7 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, specials={self.special_tokens})"
 
-    # --- encoding: exactly tiktoken's algorithm, in Python
+    # --- encoding: exactly tiktoken's rule, in Python
 
     def encode(self, text: str, allowed_special="all") -> list[int]:
         """Text -> ids. Special tokens in allowed_special ("all", or a set of strings) become their id; any
@@ -333,31 +333,62 @@ class Tokenizer:
         return ids
 
     def _encode_chunk(self, piece: bytes) -> list[int]:
-        """One chunk's bytes -> ids, as tiktoken does it (its Rust _byte_pair_merge).
+        """One chunk's bytes -> ids, with the same result as tiktoken's Rust _byte_pair_merge.
 
-        Repeatedly merge the adjacent pair whose concatenated bytes is the token with the lowest rank
-        (= id = the order in which training made it), the leftmost such pair on a tie, until no adjacent
-        pair is a token. Ranking by bytes, not by (id, id) pair, is what makes us agree with tiktoken
-        (see the trap above add_token). If the whole chunk is a token, tiktoken returns it at once; so do we.
+        The rule: repeatedly merge the adjacent pair whose concatenated bytes is the token with the
+        lowest rank (= id = the order in which training made it), the leftmost such pair on a tie, until
+        no adjacent pair is a token. Ranking by bytes, not by (id, id) pair, is what makes us agree with
+        tiktoken (see the trap above add_token). If the whole chunk is a token, tiktoken returns it at
+        once; so do we.
+
+        The obvious way, scanning all pairs for the best one before every merge, costs n^2 steps on a
+        chunk of n bytes: nothing on a word, but seconds on a long run of one letter ("aaaa...", one
+        chunk, which a user can type as a prompt). So we keep
+        the pairs in a heap ordered by (rank, start): the top is the best pair, the leftmost on a tie. A
+        merge changes only the two pairs around it; we push their new ranks and leave the old entries in
+        the heap, skipping them when they come up ("lazy deletion", as in PairIndex). n log n steps.
         """
-        if piece in self.ranks:
-            return [self.ranks[piece]]
-        parts = [piece[i:i + 1] for i in range(len(piece))]
-        while len(parts) > 1:
-            best_rank, best_i = None, None
-            for i in range(len(parts) - 1):
-                rank = self.ranks.get(parts[i] + parts[i + 1])
-                if rank is not None and (best_rank is None or rank < best_rank):
-                    best_rank, best_i = rank, i
-            if best_i is None:
-                break
-            parts[best_i:best_i + 2] = [parts[best_i] + parts[best_i + 1]]
-        return [self.ranks[part] for part in parts]
+        ranks = self.ranks
+        if piece in ranks:
+            return [ranks[piece]]
+        n = len(piece)
+        # The parts, as a linked list over byte offsets: a part starts at i and ends at end[i]; prev[i] is
+        # the start of the part before it. pair_rank[i]: the rank of the bytes of part i + the next part,
+        # None if they are no token (or i is no longer the start of a part).
+        end, prev = list(range(1, n + 1)), list(range(-1, n - 1))
+        pair_rank = [ranks.get(piece[i:i + 2]) for i in range(n - 1)] + [None]
+        heap = [(rank, i) for i, rank in enumerate(pair_rank) if rank is not None]
+        heapq.heapify(heap)
+
+        def update(i: int) -> None:  # part i or its neighbour changed: rank its pair anew
+            rank = ranks.get(piece[i:end[end[i]]]) if end[i] < n else None
+            pair_rank[i] = rank
+            if rank is not None:
+                heapq.heappush(heap, (rank, i))
+
+        while heap:
+            rank, i = heapq.heappop(heap)
+            if pair_rank[i] != rank:
+                continue  # stale: part i or its neighbour changed since this entry was pushed
+            j = end[i]  # merge part i with the next part, which starts at j
+            end[i], pair_rank[j] = end[j], None
+            if end[i] < n:
+                prev[end[i]] = i
+            update(i)
+            if prev[i] >= 0:
+                update(prev[i])
+        ids, i = [], 0
+        while i < n:
+            ids.append(ranks[piece[i:end[i]]])
+            i = end[i]
+        return ids
 
     def decode(self, ids) -> str:
         """Ids (a list or a 1-D tensor) -> text. Byte sequences that are not valid UTF-8 become U+FFFD."""
-        ids = ids.tolist() if hasattr(ids, "tolist") else ids
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
         try:
+            if min(ids, default=0) < 0:  # self.decoder[-1] would quietly be the last token, <|endoftext|>
+                raise IndexError
             data = b"".join(self.decoder[i] for i in ids)
         except (IndexError, TypeError):
             bad = next(i for i in ids if not (isinstance(i, int) and 0 <= i < self.vocab_size))
@@ -372,18 +403,41 @@ class Tokenizer:
         return tiktoken.Encoding(name, pat_str=self.pattern, mergeable_ranks=dict(self.ranks),
                                  special_tokens=dict(self.special_tokens))
 
-    # --- save and load: a small JSON file
+    # --- save and load: a small dict of strings, ints and lists, as a JSON file or inside a checkpoint
+
+    def to_dict(self) -> dict:
+        """Everything needed to rebuild this tokenizer, as plain str/int/list/dict: JSON can write it, and
+        train.py stores it in ckpt.pt, where torch.load(..., weights_only=True) accepts it."""
+        return {"format": FILE_FORMAT, "version": 1, "pattern": self.pattern,
+                "special_tokens": list(self.special_tokens), "merges": [list(pair) for pair in self.merges]}
+
+    @classmethod
+    def from_dict(cls, state) -> Tokenizer:
+        """The tokenizer that to_dict() described; a ValueError says what is wrong with a malformed dict."""
+        try:
+            if not isinstance(state, dict) or state.get("format") != FILE_FORMAT:
+                raise ValueError(f"it has no \"format\": \"{FILE_FORMAT}\" field")
+            merges, specials = state["merges"], state["special_tokens"]
+            if not isinstance(merges, list) or not all(
+                    isinstance(m, list) and len(m) == 2 and all(type(i) is int for i in m) for m in merges):
+                raise ValueError("\"merges\" must be a list of [id, id] pairs")
+            if not isinstance(specials, list) or not all(isinstance(s, str) for s in specials):
+                raise ValueError("\"special_tokens\" must be a list of strings")
+            if not isinstance(state["pattern"], str):
+                raise ValueError("\"pattern\" must be a string (a regular expression)")
+            return cls(merges, specials, state["pattern"])
+        except (ValueError, KeyError, regex.error) as err:
+            reason = f"missing field {err}" if isinstance(err, KeyError) else str(err)
+            raise ValueError(f"not a valid tokenizer: {reason}") from err
 
     def save(self, path) -> None:
         """Write the tokenizer as JSON, atomically (temp file + os.replace): a crash never leaves half a file."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = {"format": FILE_FORMAT, "version": 1, "pattern": self.pattern,
-                 "special_tokens": list(self.special_tokens), "merges": [list(pair) for pair in self.merges]}
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(state, f, separators=(",", ":"))
+                json.dump(self.to_dict(), f, separators=(",", ":"))
             os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; a tokenizer can be world-readable
             os.replace(tmp, path)
         except BaseException:
@@ -397,17 +451,9 @@ class Tokenizer:
             raise FileNotFoundError(f"no tokenizer file at {path}; train one with part04_scaling.bpe.get_tokenizer() "
                                     "or train(...).save(path)")
         try:
-            state = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(state, dict) or state.get("format") != FILE_FORMAT:
-                raise ValueError(f"it has no \"format\": \"{FILE_FORMAT}\" field")
-            merges, specials = state["merges"], state["special_tokens"]
-            if not all(isinstance(m, list) and len(m) == 2 and all(type(i) is int for i in m) for m in merges):
-                raise ValueError("\"merges\" must be a list of [id, id] pairs")
-            if not all(isinstance(s, str) for s in specials):
-                raise ValueError("\"special_tokens\" must be a list of strings")
-            return cls(merges, specials, state["pattern"])
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError, regex.error) as err:
-            reason = f"missing field {err}" if isinstance(err, KeyError) else str(err)
+            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except ValueError as err:  # also a JSON syntax error (json.JSONDecodeError) or bytes that are not UTF-8
+            reason = str(err).removeprefix("not a valid tokenizer: ")
             raise ValueError(f"{path} is not a valid tokenizer file ({reason}); delete it and train again") from err
 
 

@@ -1,14 +1,15 @@
 """Generate text from a model that train.py saved (out_dir/ckpt.pt), streaming with the KV cache.
 
-The tokens are BPE tokens now: the tokenizer is read from out_dir/tokenizer.json, saved there by
-train.py. The cache is a rolling buffer (see KVCache in model.py): its memory stays the same however
-many tokens we generate.
+The tokens are BPE tokens now: the tokenizer is the one train.py stored in the checkpoint (or, for a
+checkpoint without one, out_dir/tokenizer.json beside it). The cache is a rolling buffer (see KVCache
+in model.py): its memory stays the same however many tokens we generate.
 
     python part04_scaling/generate.py                                   # 500 tokens, with a progress bar
     python part04_scaling/generate.py --stream --max_new_tokens 5000    # print the text as it comes
     python part04_scaling/generate.py --start "ROMEO:" --temperature 0.5
 """
 import codecs
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,41 +21,70 @@ import torch
 from tqdm import tqdm
 
 from part04_scaling.model import GPT, GPTConfig
-from part04_scaling.tokenizer import Tokenizer, load_tokenizer
-from shared.config import parse_config
+from part04_scaling.tokenizer import Tokenizer, encode_tensor, load_tokenizer
+from shared.config import parse_config, run_cli
 from shared.device import pick_device
 
 
 @dataclass
 class GenerateConfig:
-    out_dir: str = field(default="runs/part04_scaling", metadata={"help": "folder holding ckpt.pt and tokenizer.json"})
+    out_dir: str = field(default="runs/part04_scaling", metadata={"help": "folder holding ckpt.pt (an older one: and "
+                                                                          "tokenizer.json)"})
     start: str = field(default="\n", metadata={"help": "the prompt to continue; default: a newline"})
-    max_new_tokens: int = 500
-    temperature: float = field(default=0.8, metadata={"help": "< 1 sharper, > 1 flatter, 0 = greedy"})
-    top_k: int | None = field(default=None, metadata={"help": "keep the k likeliest tokens; none = off"})
-    top_p: float | None = field(default=0.95, metadata={"help": "nucleus sampling; none = off"})
+    max_new_tokens: int = field(default=500, metadata={"help": "tokens to generate", "min": 1})
+    temperature: float = field(default=0.8, metadata={"help": "< 1 sharper, > 1 flatter, 0 = greedy", "min": 0})
+    top_k: int | None = field(default=None, metadata={"help": "keep the k likeliest tokens (1 = greedy); none = off",
+                                                      "min": 1})
+    top_p: float | None = field(default=0.95, metadata={"help": "nucleus sampling, a probability mass in (0, 1]; "
+                                                                "none = off", "max": 1})
     use_cache: bool = field(default=True, metadata={"help": "KV cache (rolling buffer); off = recompute each step"})
     stream: bool = field(default=False, metadata={"help": "print the text as it is generated (no progress bar)"})
     seed: int = 1337
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
 
 
-def load_model(ckpt_path, device: str = "cpu") -> GPT:
-    """Rebuild the GPT that train.py saved: its config, then its weights."""
+def check_config(cfg) -> None:
+    """The rules min/max cannot say. (--top_k 0 and --top_p 0 would keep no token at all: refused; greedy
+    decoding is --temperature 0, or --top_k 1.)"""
+    if cfg.top_p is not None and cfg.top_p <= 0:
+        raise ValueError(f"--top_p must be in (0, 1], got {cfg.top_p}; --top_p none turns nucleus sampling off")
+    if not math.isfinite(cfg.temperature):
+        raise ValueError(f"--temperature must be a finite number >= 0, got {cfg.temperature}")
+
+
+def load_checkpoint(ckpt_path, device: str = "cpu") -> dict:
+    """What train.py saved: model_config, the weights ("model"), train_config, the tokenizer, ..."""
     path = Path(ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; train one first: python part04_scaling/train.py")
-    checkpoint = torch.load(path, map_location=device, weights_only=True)
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def model_from_checkpoint(checkpoint: dict, device: str = "cpu") -> GPT:
+    """Rebuild the GPT of a checkpoint: its config, then its weights."""
     model = GPT(GPTConfig(**checkpoint["model_config"]))
     model.load_state_dict(checkpoint["model"])
     return model.to(device).eval()
+
+
+def load_model(ckpt_path, device: str = "cpu") -> GPT:
+    """Rebuild the GPT that train.py saved: its config, then its weights."""
+    return model_from_checkpoint(load_checkpoint(ckpt_path, device), device)
+
+
+def load_run(out_dir, device: str = "cpu") -> tuple[GPT, Tokenizer, dict]:
+    """The model of the train.py run in out_dir, the tokenizer it was trained with, and its checkpoint."""
+    checkpoint = load_checkpoint(Path(out_dir) / "ckpt.pt", device)
+    return model_from_checkpoint(checkpoint, device), load_tokenizer(out_dir, checkpoint), checkpoint
 
 
 def prompt_tensor(model: GPT, tokenizer: Tokenizer, start: str, num_samples: int = 1) -> torch.Tensor:
     if not start:
         raise ValueError("the prompt (--start) is empty; give the model at least one character, e.g. a newline")
     device = next(model.parameters()).device
-    return torch.tensor([tokenizer.encode(start)] * num_samples, dtype=torch.long, device=device)  # (num_samples, T)
+    # tiktoken's encoder, as for the training data: the same ids as tokenizer.encode, much faster on long prompts
+    ids = encode_tensor(tokenizer, start).to(device, torch.long)
+    return ids.repeat(num_samples, 1)  # (num_samples, T)
 
 
 def generate_text(model: GPT, tokenizer: Tokenizer, start: str, num_samples: int, max_new_tokens: int,
@@ -66,18 +96,19 @@ def generate_text(model: GPT, tokenizer: Tokenizer, start: str, num_samples: int
 
 
 def main(argv=None) -> dict:
-    cfg = parse_config(GenerateConfig, argv, description=__doc__.splitlines()[0])
+    cfg = parse_config(GenerateConfig, argv, description=__doc__.splitlines()[0], check=check_config)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    model = load_model(Path(cfg.out_dir) / "ckpt.pt", device)
-    tokenizer = load_tokenizer(cfg.out_dir)
+    model, tokenizer, _ = load_run(cfg.out_dir, device)
     kv_cache = model.new_kv_cache(batch_size=1) if cfg.use_cache else None
-    tokens = model.stream(prompt_tensor(model, tokenizer, cfg.start), cfg.max_new_tokens, cfg.temperature, cfg.top_k,
-                          cfg.top_p, use_cache=cfg.use_cache, kv_cache=kv_cache)
+    prompt = prompt_tensor(model, tokenizer, cfg.start)
+    tokens = model.stream(prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                          use_cache=cfg.use_cache, kv_cache=kv_cache)
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span several tokens
-    pieces = [cfg.start]
+    start = tokenizer.decode(prompt[0])  # the prompt as the model sees it: a lone surrogate ($'\xff') is U+FFFD
+    pieces = [start]
     if cfg.stream:
-        sys.stdout.write(cfg.start)
+        sys.stdout.write(start)
     else:
         tokens = tqdm(tokens, total=cfg.max_new_tokens, desc="generate", unit="tok", dynamic_ncols=True)
     begin = time.perf_counter()
@@ -99,4 +130,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

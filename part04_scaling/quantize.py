@@ -41,11 +41,11 @@ import torch.nn as nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from part04_scaling.generate import load_model, prompt_tensor
+from part04_scaling.generate import load_run, prompt_tensor
 from part04_scaling.model import GPT
-from part04_scaling.tokenizer import encode_tensor, load_tokenizer
+from part04_scaling.tokenizer import encode_tensor
 from part04_scaling.train import TrainConfig, estimate_loss, get_batch
-from shared.config import parse_config
+from shared.config import parse_config, run_cli
 from shared.data import load_text, train_val_split
 from shared.device import pick_device, synchronize
 
@@ -189,15 +189,33 @@ class QuantizeConfig:
                                                                           "quantize.json goes here"})
     variants: str = field(default="fp32,int8,int8_head,int8pack,dynamic",
                           metadata={"help": f"comma-separated, from {', '.join(VARIANTS)}"})
-    eval_iters: int = field(default=10, metadata={"help": "fixed validation batches for the loss"})
-    eval_batch_size: int = field(default=8, metadata={"help": "sequences per validation batch (of block_size)"})
-    new_tokens: int = field(default=200, metadata={"help": "tokens to generate (greedy, batch 1, KV cache)"})
-    forward_batch_size: int = field(default=8, metadata={"help": "sequences of block_size in the timed forward"})
-    rounds: int = field(default=3, metadata={"help": "timed runs per variant; we report the median"})
+    eval_iters: int = field(default=10, metadata={"help": "fixed validation batches for the loss", "min": 1})
+    eval_batch_size: int = field(default=8, metadata={"help": "sequences per validation batch (of block_size)",
+                                                      "min": 1})
+    new_tokens: int = field(default=200, metadata={"help": "tokens to generate (greedy, batch 1, KV cache)", "min": 1})
+    forward_batch_size: int = field(default=8, metadata={"help": "sequences of block_size in the timed forward",
+                                                         "min": 1})
+    rounds: int = field(default=3, metadata={"help": "timed runs per variant; we report the median", "min": 1})
     start: str = field(default="\n", metadata={"help": "the prompt for generation; default: a newline"})
-    threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads; none = PyTorch's default"})
+    threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads; none = PyTorch's default",
+                                                        "min": 1})
     device: str = field(default="cpu", metadata={"help": "cpu (quantize_dynamic is CPU only), cuda or mps"})
     seed: int = 1337
+
+
+def variant_names(text: str) -> list[str]:
+    """"int8,dynamic" -> ["fp32", "int8", "dynamic"]: the listed variants, fp32 (the baseline) first."""
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown or not names:
+        raise ValueError(f"--variants: unknown {unknown or 'empty list'}; choose from {', '.join(VARIANTS)}")
+    return names if "fp32" in names else ["fp32", *names]  # the baseline every delta is measured against
+
+
+def check_config(cfg) -> None:
+    variant_names(cfg.variants)
+    if not cfg.start:
+        raise ValueError("--start is empty; give the model at least one character, e.g. a newline")
 
 
 def state_dict_megabytes(model: nn.Module) -> float:
@@ -244,15 +262,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> dict:
-    cfg = parse_config(QuantizeConfig, argv, description=__doc__.splitlines()[0])
-    names = [v.strip() for v in cfg.variants.split(",") if v.strip()]
-    unknown = [v for v in names if v not in VARIANTS]
-    if unknown or not names:
-        raise ValueError(f"--variants: unknown {unknown or 'empty list'}; choose from {', '.join(VARIANTS)}")
-    if "fp32" not in names:
-        names.insert(0, "fp32")  # the baseline every delta is measured against
-    if min(cfg.eval_iters, cfg.eval_batch_size, cfg.new_tokens, cfg.forward_batch_size, cfg.rounds) < 1:
-        raise ValueError("--eval_iters, --eval_batch_size, --new_tokens, --forward_batch_size, --rounds: each >= 1")
+    cfg = parse_config(QuantizeConfig, argv, description=__doc__.splitlines()[0], check=check_config)
+    names = variant_names(cfg.variants)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
@@ -260,7 +271,7 @@ def main(argv=None) -> dict:
     ckpt_path = out_dir / "ckpt.pt"
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"no checkpoint at {ckpt_path}; train a model first: python part04_scaling/train.py "
-                                f"(or point --out_dir at a folder holding ckpt.pt and tokenizer.json)")
+                                f"(or point --out_dir at a folder holding its ckpt.pt)")
     if device != "cpu" and "dynamic" in names:
         print(f"note: quantize_dynamic runs on the CPU only; skipping it on {device}")
         names.remove("dynamic")
@@ -268,12 +279,12 @@ def main(argv=None) -> dict:
         print("note: torch._weight_int8pack_mm is missing or wrong in this PyTorch; the int8pack row uses the "
               "clear version")
 
-    float_model = load_model(ckpt_path, device)
-    train_config = torch.load(ckpt_path, map_location="cpu", weights_only=True)["train_config"]
+    float_model, tokenizer, checkpoint = load_run(out_dir, device)  # the tokenizer: the checkpoint's own
+    train_config = checkpoint["train_config"]
+    del checkpoint  # it also holds AdamW's moments, twice the size of the weights: let them go
     # estimate_loss scores eval_iters fixed windows (seed + 1) of the validation split, in float32
     known = {k: v for k, v in train_config.items() if k in TrainConfig.__dataclass_fields__}  # older checkpoints too
     eval_cfg = replace(TrainConfig(**known), eval_iters=cfg.eval_iters, batch_size=cfg.eval_batch_size, dtype="float32")
-    tokenizer = load_tokenizer(out_dir)
     val_data = val_data_for(tokenizer, train_config)
     forward_x = get_batch(val_data, cfg.forward_batch_size, eval_cfg.block_size,
                           torch.Generator().manual_seed(cfg.seed))[0].to(device)
@@ -321,4 +332,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

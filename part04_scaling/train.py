@@ -3,8 +3,11 @@ a learning-rate schedule with warmup, checkpoints you can resume exactly, loggin
 
 The loop is part 3's, grown up. Each optimizer step now averages the gradient of grad_accum_steps
 micro-batches (on each of world_size processes under torchrun), clips it, and steps with the
-learning rate of the schedule. Every eval_interval steps we evaluate and save a checkpoint with
-everything needed to continue bit for bit: weights, optimizer moments, step, random-number states.
+learning rate of the schedule: all of it written out in train(), as in part 3. Every eval_interval
+steps we evaluate and save a checkpoint with everything needed to continue bit for bit: weights,
+optimizer moments, step, random-number states, and the tokenizer the ids belong to. A run keeps its
+out_dir to itself (a lock), never replaces a finished run unless --overwrite, and never saves a
+diverged (NaN) model over the last good checkpoint.
 
     python part04_scaling/train.py                                  # the main run (~8.5 minutes on 2 CPU cores)
     python part04_scaling/train.py --init_from resume               # continue where the last run stopped
@@ -18,7 +21,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root: `shared` and the chapter import from anywhere
@@ -31,57 +34,65 @@ from tqdm import tqdm
 from part04_scaling.generate import generate_text
 from part04_scaling.model import GPT, GPTConfig
 from part04_scaling.tokenizer import encode_tensor, get_tokenizer
-from shared.config import parse_config
+from shared.checkpoint import atomic_save, check_fresh_run_dir, lock_run_dir
+from shared.config import check_bounds, parse_config, run_cli
 from shared.data import load_text, train_val_split
 from shared.device import autocast, pick_device
-from shared.metrics import MetricsLogger, plot_loss, read_metrics
-
-# Changing any of these between a run and its resume would make the checkpoint mean something else.
-MUST_MATCH_ON_RESUME = ("data", "vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "n_kv_head",
-                        "rope_theta", "window_size", "n_sink", "norm", "seed", "batch_size", "grad_accum_steps",
-                        "lr_schedule", "learning_rate", "min_lr", "warmup_iters", "weight_decay", "beta1", "beta2")
+from shared.metrics import MetricsLogger, plot_loss, read_metrics, read_steps
 
 
+# The training config is the model's config (every GPTConfig field is a flag, so a new model setting is
+# added in one place: model.py) plus the data, optimisation and run settings. Fields redeclared here only
+# change the default or add help text.
 @dataclass
-class TrainConfig:
+class TrainConfig(GPTConfig):
     data: str = field(default="shakespeare", metadata={"help": "shakespeare, tinyshakespeare or a UTF-8 text file"})
-    vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary (256 bytes + merges + <|endoftext|>)"})
+    vocab_size: int = field(default=2048, metadata={"help": "BPE vocabulary (256 bytes + merges + <|endoftext|>)",
+                                                    "min": 257})
     # the model (part 3's)
-    block_size: int = field(default=128, metadata={"help": "context length in tokens (~2.9 bytes each)"})
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
-    bias: bool = False
-    n_kv_head: int | None = field(default=2, metadata={"help": "key/value heads (GQA); none = n_head, 1 = MQA"})
-    rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base frequency"})
-    window_size: int | None = field(default=None, metadata={"help": "sliding-window attention; none = full"})
-    n_sink: int = field(default=0, metadata={"help": "attention sinks kept visible with a window"})
+    block_size: int = field(default=128, metadata={"help": "context length in tokens (~2.9 bytes each)", "min": 1})
+    n_layer: int = field(default=4, metadata={"min": 1})
+    n_head: int = field(default=4, metadata={"min": 1})
+    n_embd: int = field(default=128, metadata={"min": 1})
+    dropout: float = field(default=0.0, metadata={"min": 0, "max": 0.99})
+    n_kv_head: int | None = field(default=2, metadata={"help": "key/value heads (GQA); none = n_head, 1 = MQA",
+                                                       "min": 1})
+    rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base frequency", "min": 1e-9})
+    window_size: int | None = field(default=None, metadata={"help": "sliding-window attention; none = full", "min": 1})
+    n_sink: int = field(default=0, metadata={"help": "attention sinks kept visible with a window", "min": 0})
     norm: str = field(default="rmsnorm", metadata={"choices": ["rmsnorm", "layernorm"]})
     # the optimisation
-    batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch (per process)"})
-    grad_accum_steps: int = field(default=1, metadata={"help": "micro-batches averaged into one optimizer step"})
-    learning_rate: float = field(default=2e-3, metadata={"help": "peak learning rate"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch (per process)", "min": 1})
+    grad_accum_steps: int = field(default=1, metadata={"help": "micro-batches averaged into one optimizer step",
+                                                       "min": 1})
+    learning_rate: float = field(default=2e-3, metadata={"help": "peak learning rate", "min": 0})
     lr_schedule: str = field(default="cosine", metadata={"choices": ["cosine", "linear", "wsd", "constant"],
                                                          "help": "shape after the warmup (wsd: warmup-stable-decay)"})
-    warmup_iters: int = field(default=100, metadata={"help": "linear warmup from 0 to learning_rate"})
+    warmup_iters: int = field(default=100, metadata={"help": "linear warmup from 0 to learning_rate", "min": 0})
     lr_decay_iters: int | None = field(default=None, metadata={"help": "the schedule reaches min_lr here; none = "
-                                                                       "max_iters"})
-    min_lr: float = field(default=2e-4, metadata={"help": "the learning rate at the end of the decay"})
-    wsd_decay_fraction: float = field(default=0.2, metadata={"help": "wsd: the final fraction of steps that decays"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay of the weight matrices"})
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this; 0 = off"})
-    max_iters: int = field(default=3000, metadata={"help": "optimizer steps"})
-    eval_interval: int = field(default=250, metadata={"help": "evaluate and save a checkpoint every this many steps"})
-    eval_iters: int = field(default=40, metadata={"help": "batches averaged for train_loss/val_loss"})
+                                                                       "max_iters", "min": 1})
+    min_lr: float = field(default=2e-4, metadata={"help": "the learning rate at the end of the decay", "min": 0})
+    wsd_decay_fraction: float = field(default=0.2, metadata={"help": "wsd: the final fraction of steps that decays",
+                                                             "min": 0, "max": 1})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay of the weight matrices", "min": 0})
+    beta1: float = field(default=0.9, metadata={"min": 0, "max": 0.9999})
+    beta2: float = field(default=0.99, metadata={"min": 0, "max": 0.9999})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the global gradient norm to this; 0 = off",
+                                                    "min": 0})
+    max_iters: int = field(default=3000, metadata={"help": "optimizer steps", "min": 0})
+    eval_interval: int = field(default=250, metadata={"help": "evaluate and save a checkpoint every this many steps",
+                                                      "min": 1})
+    eval_iters: int = field(default=40, metadata={"help": "batches averaged for train_loss/val_loss", "min": 1})
     init_from: str = field(default="scratch", metadata={"choices": ["scratch", "resume"],
                                                         "help": "resume: continue from out_dir/ckpt.pt"})
+    overwrite: bool = field(default=False, metadata={"help": "a fresh run may replace the run already in out_dir"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (slow start, faster steps)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1 or mps"})
     dtype: str = field(default="float32", metadata={"choices": ["float32", "bfloat16", "float16"],
                                                     "help": "autocast dtype; float16 (CUDA) uses a GradScaler"})
+    threads: int | None = field(default=None, metadata={"help": "CPU threads for torch; none = torch's default "
+                                                                "(the physical cores). Running two jobs at once? "
+                                                                "Give each --threads 1", "min": 1})
     seed: int = 1337
     out_dir: str = "runs/part04_scaling"
     tensorboard: bool = field(default=False, metadata={"help": "also log to TensorBoard (pip install tensorboard)"})
@@ -90,11 +101,40 @@ class TrainConfig:
                                                          "help": "offline needs no account; `wandb sync` later"})
     # the sample printed at the end (generate.py does the same from the saved checkpoint)
     start: str = field(default="\n", metadata={"help": "prompt for the samples; the default is a newline"})
-    num_samples: int = 1
-    max_new_tokens: int = 200
-    temperature: float = 0.8
-    top_k: int | None = None
-    top_p: float | None = field(default=0.95, metadata={"help": "nucleus sampling; none = off"})
+    num_samples: int = field(default=1, metadata={"min": 1})
+    max_new_tokens: int = field(default=200, metadata={"min": 0})
+    temperature: float = field(default=0.8, metadata={"help": "0 = greedy", "min": 0})
+    top_k: int | None = field(default=None, metadata={"help": "keep the k likeliest tokens; none = off", "min": 0})
+    top_p: float | None = field(default=0.95, metadata={"help": "nucleus sampling; none = off", "min": 0, "max": 1})
+
+
+# Changing any of these between a run and its resume would make the checkpoint mean something else: every
+# model field, the data and its order, and the optimisation (the world size is checked on its own).
+MUST_MATCH_ON_RESUME = tuple(f.name for f in fields(GPTConfig)) + (
+    "data", "seed", "batch_size", "grad_accum_steps", "lr_schedule", "learning_rate", "min_lr", "warmup_iters",
+    "wsd_decay_fraction", "weight_decay", "beta1", "beta2", "grad_clip")
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse settings that cannot work, before anything is loaded or written (ValueError, one line each)."""
+    check_bounds(cfg)
+    if not cfg.start:
+        raise ValueError("--start is empty; the samples need a prompt of at least one character, e.g. a newline")
+    if cfg.n_embd % cfg.n_head:
+        raise ValueError(f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
+    if (cfg.n_embd // cfg.n_head) % 2:
+        raise ValueError(f"the head size n_embd / n_head = {cfg.n_embd // cfg.n_head} must be even: RoPE rotates "
+                         "channel pairs")
+    if cfg.n_kv_head is not None and cfg.n_head % cfg.n_kv_head:
+        raise ValueError(f"--n_head {cfg.n_head} must be a multiple of --n_kv_head {cfg.n_kv_head}")
+    if cfg.min_lr > cfg.learning_rate:
+        raise ValueError(f"--min_lr {cfg.min_lr} is above --learning_rate {cfg.learning_rate}")
+
+
+def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:
+    """The GPTConfig inside the train config (every model field), with the tokenizer's vocabulary size."""
+    values = {f.name: getattr(cfg, f.name) for f in fields(GPTConfig)}
+    return GPTConfig(**{**values, "vocab_size": vocab_size})
 
 
 # --- Data ----------------------------------------------------------------------------------------
@@ -102,16 +142,22 @@ class TrainConfig:
 
 def get_batch(data: torch.Tensor, batch_size: int, block_size: int, generator: torch.Generator,
               rank: int = 0, world_size: int = 1):
-    """This process's share of a global batch of random windows: inputs x and next-token targets y, (B, T).
+    """batch_size random windows of the token stream: inputs x and next-token targets y, (B, T) each.
 
-    Every process draws the same world_size * batch_size window starts from an identically seeded
-    generator and keeps its own slice: together the processes see exactly the batch one process
-    would see with batch_size * world_size, and the data position is one generator state.
+    y is x shifted left by one token: y[b, t] = data[start + t + 1], the token right after x[b, t].
+    So every position t is trained to predict its next token, B * T predictions per batch.
+
+    NEW (data parallel): this is this process's share of a global batch. Every process draws the same
+    world_size * batch_size window starts from an identically seeded generator and keeps its own slice:
+    together the processes see exactly the batch one process would see with batch_size * world_size,
+    and the data position is one generator state.
     """
     starts = torch.randint(len(data) - block_size, (world_size * batch_size,), generator=generator)
     starts = starts[rank * batch_size : (rank + 1) * batch_size]  # (B,)
     positions = starts[:, None] + torch.arange(block_size)  # (B, T)
-    return data[positions].long(), data[positions + 1].long()  # y: the shift by one
+    x = data[positions].long()
+    y = data[positions + 1].long()  # the shift by one; the last start leaves room for it
+    return x, y
 
 
 @torch.no_grad()
@@ -165,52 +211,27 @@ def lr_at(it: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)  # cosine
 
 
-# --- One optimizer step: gradient accumulation, mixed precision, clipping ------------------------------
-
-
-def accumulate_gradients(model, micro_batches, device: str, dtype: str, scaler=None) -> float:
-    """Forward and backward every micro-batch (x, y); leave the gradient of the *mean* loss in .grad.
-
-    Each micro-batch's loss is divided by their number before backward, so the summed gradients are
-    the gradient of the average loss: k micro-batches of b sequences give the gradient of one batch of
-    k*b (up to float rounding), in the memory of b. Returns that average loss (all micro-batches,
-    not just the last one). Under DDP, gradients are all-reduced only on the last micro-batch (no_sync).
-    """
-    n = len(micro_batches)
-    total = 0.0
-    for i, (x, y) in enumerate(micro_batches):
-        sync = nullcontext() if i == n - 1 or not isinstance(model, DDP) else model.no_sync()
-        with sync:
-            with autocast(device, dtype):
-                _, loss = model(x.to(device), y.to(device))
-            loss = loss / n
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-        total += loss.item()
-    return total
-
-
-def train_step(model, optimizer, scaler, micro_batches, lr: float, cfg: TrainConfig, device: str):
-    """One optimizer step; returns (mean loss over the micro-batches, gradient norm before clipping)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    loss = accumulate_gradients(model, micro_batches, device, cfg.dtype, scaler)
-    if not math.isfinite(loss):
-        raise FloatingPointError(f"loss became {loss}; try a lower --learning_rate (now {cfg.learning_rate}) "
-                                 "or a longer --warmup_iters. The last checkpoint in out_dir is untouched.")
-    scaler.unscale_(optimizer)  # fp16: the gradients were scaled up; clip the true ones (a no-op otherwise)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf).item()
-    scaler.step(optimizer)  # fp16: skips the step if any gradient overflowed to inf/nan
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return loss, grad_norm
-
-
 # --- Checkpoints: everything needed to continue bit for bit -------------------------------------------
 
 
-def save_checkpoint(path: Path, model: GPT, optimizer, scaler, generator: torch.Generator, iter_num: int,
-                    cfg: TrainConfig, **extra) -> None:
-    """Write the full training state, atomically: a crash never leaves half a file.
+def rng_states(device: str, world_size: int) -> dict:
+    """The random-number state of every process (dropout draws from it), as CPU tensors: one per rank.
+
+    Each process seeds its own stream (seed + rank, as nanoGPT does), so dropout masks differ across
+    processes; to resume exactly, each process needs its own state back, so we gather them all.
+    """
+    local = {"torch": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state(device).cpu() if device.startswith("cuda") else torch.empty(0)}
+    if world_size == 1:
+        return {key: [value] for key, value in local.items()}
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, local)
+    return {key: [state[key] for state in gathered] for key in local}
+
+
+def save_checkpoint(path: Path, model: GPT, optimizer, scaler, generator: torch.Generator, rng: dict,
+                    iter_num: int, cfg: TrainConfig, world_size: int, tokenizer, **extra) -> None:
+    """Write the full training state, atomically: a crash never leaves half a file (shared/checkpoint.py).
 
     Only tensors, numbers, strings, lists and dicts go in, so torch.load(path, weights_only=True) can read
     it (weights_only refuses to run arbitrary pickled code from a file someone gave you).
@@ -223,27 +244,32 @@ def save_checkpoint(path: Path, model: GPT, optimizer, scaler, generator: torch.
         "iter_num": iter_num,  # the step to do next; the learning rate is a function of it
         "lr_decay_iters": cfg.lr_decay_iters or cfg.max_iters,  # the schedule's length, fixed for the run
         "train_config": asdict(cfg),
-        "rng": {"torch": torch.get_rng_state(),  # dropout
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "batches": generator.get_state()},  # the data position: which windows come next
+        "world_size": world_size,  # the processes split each batch: another count is another data order
+        "rng": {**rng, "batches": generator.get_state()},  # dropout per process, and the data position
+        "tokenizer": tokenizer.to_dict(),  # the ids mean nothing without it: it travels with the weights
         **extra,
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)  # atomic on POSIX and Windows
+    atomic_save(checkpoint, path)
 
 
-def load_checkpoint(path: Path, cfg: TrainConfig, device: str) -> dict:
-    """Read a checkpoint to resume from, refusing one that was made with a different setup."""
+def load_checkpoint(path: Path, cfg: TrainConfig, world_size: int) -> dict:
+    """Read a checkpoint to resume from, refusing one that was made with a different setup.
+
+    Everything is loaded onto the CPU: load_state_dict copies the weights and the optimizer moments to
+    the model's device, and the random-number states must stay CPU byte tensors (on a GPU,
+    torch.set_rng_state refuses them).
+    """
     if not path.is_file():
         raise FileNotFoundError(f"--init_from resume: no checkpoint at {path}; start a run with --init_from scratch")
-    checkpoint = torch.load(path, map_location=device, weights_only=True)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     saved = checkpoint["train_config"]
-    changed = [f"--{key} {saved[key]} -> {getattr(cfg, key)}" for key in MUST_MATCH_ON_RESUME
+    changed = [f"--{key} {saved.get(key)} -> {getattr(cfg, key)}" for key in MUST_MATCH_ON_RESUME
                if saved.get(key) != getattr(cfg, key)]
     if (cfg.lr_decay_iters or cfg.max_iters) != checkpoint["lr_decay_iters"]:
         changed.append(f"the schedule length {checkpoint['lr_decay_iters']} -> {cfg.lr_decay_iters or cfg.max_iters} "
                        f"(to train longer, pass --lr_decay_iters {checkpoint['lr_decay_iters']})")
+    if checkpoint["world_size"] != world_size:
+        changed.append(f"the number of processes {checkpoint['world_size']} -> {world_size} (it sets the data order)")
     if changed:
         raise ValueError(f"cannot resume {path}: it was trained with a different config: " + "; ".join(changed))
     return checkpoint
@@ -277,8 +303,10 @@ def setup_distributed(device: str):
 class Loggers:
     """metrics.jsonl always; TensorBoard and wandb when asked for (each is imported only then)."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool):
-        self.metrics = MetricsLogger(cfg.out_dir, resume=resume)
+    def __init__(self, cfg: TrainConfig, resume: bool, start_iter: int):
+        # a resumed run re-evaluates its first step: the logger drops the rows from start_iter on, so a run
+        # killed between saving a checkpoint and logging its row loses nothing and logs nothing twice
+        self.metrics = MetricsLogger(cfg.out_dir, resume=resume, start_iter=start_iter)
         self.tensorboard = self.wandb = None
         if cfg.tensorboard:
             try:
@@ -305,6 +333,7 @@ class Loggers:
             self.wandb.log({k: v for k, v in record.items() if k != "iter" and v is not None}, step=step)
 
     def close(self):
+        self.metrics.close()
         if self.tensorboard:
             self.tensorboard.close()
         if self.wandb:
@@ -316,32 +345,36 @@ class Loggers:
 
 def train(cfg: TrainConfig):
     """Train a BPE-token GPT on cfg.data; return (model, results). main() wraps this for the CLI."""
-    if not cfg.start:
-        raise ValueError("--start is empty; the samples need a prompt of at least one character, e.g. a newline")
-    if cfg.grad_accum_steps < 1:
-        raise ValueError(f"--grad_accum_steps must be at least 1, got {cfg.grad_accum_steps}")
+    check_config(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     rank, world_size, device = setup_distributed(pick_device(cfg.device))
     master = rank == 0  # only the first process evaluates, logs and writes files
     autocast(device, cfg.dtype)  # fail early on an unsupported dtype
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + rank)  # dropout: each process its own masks (nanoGPT's seed_offset)
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "ckpt.pt"
-    checkpoint = load_checkpoint(ckpt_path, cfg, device) if cfg.init_from == "resume" else None
+    resume = cfg.init_from == "resume"
+    if master:
+        run_lock = lock_run_dir(out_dir)  # noqa: F841  (held until the process ends: one run per out_dir)
+        if not resume:
+            check_fresh_run_dir(out_dir, cfg.overwrite)
+    checkpoint = load_checkpoint(ckpt_path, cfg, world_size) if resume else None
 
     tokenizer = get_tokenizer(cfg.vocab_size, cfg.data)
+    if checkpoint is not None and checkpoint["tokenizer"] != tokenizer.to_dict():
+        raise ValueError(f"cannot resume {ckpt_path}: the tokenizer built from --data {cfg.data} differs from the "
+                         "checkpoint's (did the data file change?)")
     text = load_text(cfg.data)
     train_data, val_data = train_val_split(encode_tensor(tokenizer, text))
     if len(val_data) <= cfg.block_size:
         raise ValueError(f"--data gives only {len(val_data)} tokens of validation text (the last 10%); it needs "
                          f"more than --block_size {cfg.block_size}. Use a longer text or a smaller block_size.")
-    bytes_per_token = len(train_val_split(text)[1].encode("utf-8")) / len(val_data)
+    # bits per byte compares models with different tokenizers: nats per token / ln 2 / bytes per token, with
+    # the bytes per token of the validation tokens themselves (held-out text compresses worse than average)
+    bytes_per_token = len(tokenizer.decode(val_data).encode("utf-8")) / len(val_data)
 
-    model_config = GPTConfig(block_size=cfg.block_size, vocab_size=tokenizer.vocab_size, n_layer=cfg.n_layer,
-                             n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
-                             n_kv_head=cfg.n_kv_head, rope_theta=cfg.rope_theta, window_size=cfg.window_size,
-                             n_sink=cfg.n_sink, norm=cfg.norm)
-    model = GPT(model_config).to(device)
+    model = GPT(model_config(cfg, tokenizer.vocab_size)).to(device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2))
     # float16 has a narrow range: small gradients underflow to 0. The GradScaler multiplies the loss
     # before backward and divides the gradients after (Micikevicius et al. 2017, https://arxiv.org/abs/1710.03740).
@@ -351,12 +384,12 @@ def train(cfg: TrainConfig):
     start_iter = 0
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        optimizer.load_state_dict(checkpoint["optimizer"])  # moves Adam's moments to the model's device
         scaler.load_state_dict(checkpoint["scaler"])
         generator.set_state(checkpoint["rng"]["batches"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if checkpoint["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        torch.set_rng_state(checkpoint["rng"]["torch"][rank])
+        if device.startswith("cuda") and checkpoint["rng"]["cuda"][rank].numel():
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"][rank], device)
         start_iter = checkpoint["iter_num"]
     step_model = torch.compile(model) if cfg.compile else model
     if world_size > 1:
@@ -366,7 +399,7 @@ def train(cfg: TrainConfig):
               f"{model.num_params():,} parameters | device {device} x {world_size} | "
               + (f"resuming at step {start_iter}" if checkpoint else "from scratch"))
 
-    loggers = Loggers(cfg, resume=checkpoint is not None) if master else None
+    loggers = Loggers(cfg, resume=checkpoint is not None, start_iter=start_iter) if master else None
     tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.grad_accum_steps * world_size
     start = time.perf_counter()
     train_seconds, interval_seconds, interval_iters, tokens_per_sec = 0.0, 0.0, 0, 0.0
@@ -376,15 +409,25 @@ def train(cfg: TrainConfig):
     try:
         for it in bar:
             lr = lr_at(it, cfg)
-            if master and (it % cfg.eval_interval == 0 or it == cfg.max_iters) and not (checkpoint and it == start_iter):
+            evaluate = it % cfg.eval_interval == 0 or it == cfg.max_iters
+            if evaluate:
+                rng = rng_states(device, world_size)  # every process takes part in gathering its state
+            if master and evaluate:
                 model.eval()
                 train_loss = estimate_loss(model, train_data, cfg, device)
                 val_loss = estimate_loss(model, val_data, cfg, device)
                 model.train()
+                if not (math.isfinite(train_loss) and math.isfinite(val_loss)):  # never save a broken model
+                    raise FloatingPointError(
+                        f"step {it}: the loss is {val_loss} (the weights are no longer finite); try a lower "
+                        f"--learning_rate (now {cfg.learning_rate}) or a longer --warmup_iters. {ckpt_path} is "
+                        "untouched: it holds the last good step")
                 if interval_iters:
                     tokens_per_sec = interval_iters * tokens_per_iter / interval_seconds
-                # the checkpoint first: if we crash in between, the resumed run logs this step again
-                save_checkpoint(ckpt_path, model, optimizer, scaler, generator, it, cfg, val_loss=val_loss)
+                # the checkpoint first, then its row: if we die in between, the resumed run evaluates this
+                # step again and the logger replaces any row from this step on
+                save_checkpoint(ckpt_path, model, optimizer, scaler, generator, rng, it, cfg, world_size, tokenizer,
+                                val_loss=val_loss)
                 loggers.log(iter=it, train_loss=train_loss, val_loss=val_loss,
                             val_bits_per_byte=val_loss / math.log(2) / bytes_per_token, lr=lr,
                             tokens_per_sec=tokens_per_sec, step_loss=step_loss, grad_norm=grad_norm)
@@ -393,18 +436,48 @@ def train(cfg: TrainConfig):
             if it == cfg.max_iters:
                 break
 
+            # --- one optimizer step ---
             step_start = time.perf_counter()
-            micro_batches = [get_batch(train_data, cfg.batch_size, cfg.block_size, generator, rank, world_size)
-                             for _ in range(cfg.grad_accum_steps)]
-            step_loss, grad_norm = train_step(step_model, optimizer, scaler, micro_batches, lr, cfg, device)
-            if world_size > 1:  # log the loss of the whole global batch, not just this process's share
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # Gradient accumulation: grad_accum_steps micro-batches, each loss divided by their number
+            # before backward, so the summed gradients are the gradient of the mean loss: k micro-batches
+            # of b sequences give the step of one batch of k*b (up to float rounding), in the memory of b.
+            step_loss = 0.0
+            for micro_step in range(cfg.grad_accum_steps):
+                x, y = get_batch(train_data, cfg.batch_size, cfg.block_size, generator, rank, world_size)
+                # under DDP, all-reduce the gradients only once, on the last micro-batch
+                last = micro_step == cfg.grad_accum_steps - 1
+                sync = step_model.no_sync() if world_size > 1 and not last else nullcontext()
+                with sync:
+                    with autocast(device, cfg.dtype):
+                        _, loss = step_model(x.to(device), y.to(device))
+                    loss = loss / cfg.grad_accum_steps
+                    scaler.scale(loss).backward()  # fp16: scaled up so small gradients survive
+                step_loss += loss.item()
+            if world_size > 1:  # log (and check) the loss of the whole global batch, not this process's share
                 mean_loss = torch.tensor(step_loss, device=device)
                 dist.all_reduce(mean_loss)  # sum over processes
                 step_loss = mean_loss.item() / world_size
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(f"step {it}: the loss became {step_loss}; try a lower --learning_rate (now "
+                                         f"{cfg.learning_rate}) or a longer --warmup_iters. {ckpt_path} is "
+                                         "untouched: it holds the last good step")
+            scaler.unscale_(optimizer)  # fp16: clip the true gradients (a no-op otherwise)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf).item()
+            if not math.isfinite(grad_norm) and not scaler.is_enabled():
+                raise FloatingPointError(f"step {it}: the gradient norm is {grad_norm}; try a lower --learning_rate "
+                                         f"or --grad_clip 1. {ckpt_path} (the last good checkpoint) is untouched")
+            scaler.step(optimizer)  # fp16: skips the step if any gradient overflowed to inf/nan
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+
             step_seconds = time.perf_counter() - step_start
             train_seconds += step_seconds
             interval_seconds += step_seconds
             interval_iters += 1
+            if master:
+                loggers.metrics.log_step(it, step_loss)
             bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{interval_iters * tokens_per_iter / interval_seconds:,.0f}",
                             refresh=False)
     except KeyboardInterrupt:  # Ctrl-C mid-step leaves a half-done step: keep the last whole checkpoint instead
@@ -424,8 +497,9 @@ def train(cfg: TrainConfig):
         return model, {}
 
     records = read_metrics(loggers.metrics.path)
-    plot_loss(records, out_dir / "loss.png", title=f"part04: BPE-{tokenizer.vocab_size} GPT on {Path(cfg.data).name}")
-    tokenizer.save(out_dir / "tokenizer.json")  # generate.py and the later chapters read it from here
+    plot_loss(records, out_dir / "loss.png", title=f"part04: BPE-{tokenizer.vocab_size} GPT on {Path(cfg.data).name}",
+              steps=read_steps(out_dir))
+    tokenizer.save(out_dir / "tokenizer.json")  # for people and tools; generate.py reads the checkpoint's copy
 
     model.eval()
     samples = generate_text(model, tokenizer, cfg.start, cfg.num_samples, cfg.max_new_tokens, cfg.temperature,
@@ -447,10 +521,10 @@ def train(cfg: TrainConfig):
 
 
 def main(argv=None) -> dict:
-    cfg = parse_config(TrainConfig, argv, description=__doc__.splitlines()[0])
+    cfg = parse_config(TrainConfig, argv, description=__doc__.splitlines()[0], check=check_config)
     _, results = train(cfg)
     return results
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -22,10 +22,10 @@ from shared.config import parse_config
 
 VARIANTS = {  # name: GPTConfig changes; the MoE ones have the dense model's active parameters unless noted
     "dense (--n_expert 0)": dict(n_expert=0),
-    "MoE 8 x 168, top-2 (default)": dict(n_expert=8, top_k=2, expert_hidden=168),
-    "MoE 8 x 168, top-1 (half the active MLP)": dict(n_expert=8, top_k=1, expert_hidden=168),
-    "MoE 8 x 336, top-1 (Switch)": dict(n_expert=8, top_k=1, expert_hidden=None),
-    "dense first + 1 shared + top-1 of 8 x 168": dict(n_expert=8, top_k=1, expert_hidden=168, n_shared_expert=1,
+    "MoE 8 x 168, top-2 (default)": dict(n_expert=8, moe_top_k=2, expert_hidden=168),
+    "MoE 8 x 168, top-1 (half the active MLP)": dict(n_expert=8, moe_top_k=1, expert_hidden=168),
+    "MoE 8 x 336, top-1 (Switch)": dict(n_expert=8, moe_top_k=1, expert_hidden=None),
+    "dense first + 1 shared + top-1 of 8 x 168": dict(n_expert=8, moe_top_k=1, expert_hidden=168, n_shared_expert=1,
                                                      n_dense_first=1),
 }
 

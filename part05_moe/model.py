@@ -50,7 +50,8 @@ class GPTConfig:
     norm: str = "rmsnorm"  # "rmsnorm" (Llama) or "layernorm" (GPT-2), kept to compare the two
     # mixture of experts
     n_expert: int = 4  # routed experts per MoE layer; 0 = no MoE layer at all (the dense part 4 model)
-    top_k: int = 2  # experts each token goes to: 1 = Switch Transformer, 2 = GShard / Mixtral
+    moe_top_k: int = 2  # experts each token goes to: 1 = Switch Transformer, 2 = GShard / Mixtral
+    # (named moe_top_k, not top_k: top_k is the sampling filter of generate())
     expert_hidden: int | None = None  # each expert's SwiGLU hidden size; None = the dense MLP's
     n_shared_expert: int = 0  # DeepSeekMoE: always-on experts every token passes through, besides its top_k
     moe_every: int = 1  # hybrid layout: every moe_every-th layer is MoE, the others dense (GShard, Switch: 2)
@@ -287,8 +288,8 @@ class MoE(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        assert 1 <= config.top_k <= config.n_expert, "top_k must be between 1 and n_expert"
-        self.n_expert, self.top_k, self.capacity_factor = config.n_expert, config.top_k, config.capacity_factor
+        assert 1 <= config.moe_top_k <= config.n_expert, "moe_top_k must be between 1 and n_expert"
+        self.n_expert, self.top_k, self.capacity_factor = config.n_expert, config.moe_top_k, config.capacity_factor
         self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)  # the gating network: a score per expert
         # Shazeer 2017's noisy top-k gating: a learned, per-expert noise scale on the logits while training
         # spreads the choices around early on and breaks ties; off by default (the balancing loss suffices).

@@ -5,8 +5,9 @@ than copied): the same vocabulary and the same cached tokenizer file, so the los
 
 Part 3 had one token per byte (vocab 256). Now a token is a whole frequent chunk: " Romeo", "ing",
 "\n\n"; ~2.9 bytes per token on average at vocab 2048, so the same block_size sees ~3x more text.
-train.py trains the tokenizer on the training split (cached in data/) and saves a copy as
-out_dir/tokenizer.json beside the checkpoint; generate.py and the later chapters load it from there.
+train.py trains the tokenizer on the training split (cached in data/), stores it inside the checkpoint
+(the ids mean nothing without it) and saves a copy as out_dir/tokenizer.json; generate.py and the later
+chapters load it with load_tokenizer (the checkpoint's copy; tokenizer.json for a checkpoint without one).
 
 Encoding a whole corpus goes through tiktoken's Rust encoder (the same ids as bpe.Tokenizer.encode,
 tested on the whole corpus, ~20x faster); decoding is a lookup of each id's bytes either way.
@@ -25,9 +26,27 @@ def encode_tensor(tokenizer: Tokenizer, text: str) -> torch.Tensor:
     return torch.from_numpy(np.array(ids, dtype=np.int32))
 
 
-def load_tokenizer(out_dir) -> Tokenizer:
-    """The tokenizer train.py saved beside its checkpoint."""
-    path = Path(out_dir) / "tokenizer.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no tokenizer at {path}; train a model first: python part05_moe/train.py")
-    return Tokenizer.load(path)
+def load_tokenizer(out_dir, checkpoint: dict | None = None) -> Tokenizer:
+    """The tokenizer of the run in out_dir: the copy inside its checkpoint if given (train.py stores it
+    there as checkpoint["tokenizer"], so the two cannot be separated), else out_dir/tokenizer.json.
+
+    With a checkpoint, the tokenizer's vocabulary must have the model's size: another run's tokenizer
+    would turn the model's ids into the wrong text, or into ids that do not exist.
+    """
+    if checkpoint is not None and "tokenizer" in checkpoint:
+        try:
+            tokenizer = Tokenizer.from_dict(checkpoint["tokenizer"])
+        except ValueError as err:
+            raise ValueError(f"{Path(out_dir) / 'ckpt.pt'}: {err}") from err
+    else:
+        path = Path(out_dir) / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no tokenizer at {path}; train a model first: python part05_moe/train.py")
+        tokenizer = Tokenizer.load(path)
+    model_vocab_size = checkpoint["model_config"]["vocab_size"] if checkpoint is not None else None
+    if model_vocab_size is not None and tokenizer.vocab_size != model_vocab_size:
+        source = "the tokenizer stored in it" if "tokenizer" in checkpoint else str(path)
+        raise ValueError(f"{Path(out_dir) / 'ckpt.pt'} holds a model with vocab_size {model_vocab_size}, but "
+                         f"{source} has {tokenizer.vocab_size} tokens: they are not from the same run; "
+                         "put the run's own tokenizer.json beside its ckpt.pt, or train again")
+    return tokenizer

@@ -1,18 +1,26 @@
-"""Turn a config dataclass into command-line flags, so every train.py has `--help`.
+"""Turn a config dataclass into command-line flags, so every train.py has `--help`, and turn expected
+mistakes into a one-line error instead of a traceback.
 
     @dataclass
     class TrainConfig:
-        batch_size: int = 32  # no help text needed: the default is shown
-        learning_rate: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
+        batch_size: int = field(default=32, metadata={"min": 1})  # the default and the bound are shown
+        learning_rate: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate", "min": 0})
 
-    cfg = parse_config(TrainConfig, description="Train a bigram model")
+    cfg = parse_config(TrainConfig, argv, description="Train a bigram model", check=check_config)
+
+    if __name__ == "__main__":
+        run_cli(main)   # ValueError, OSError, ... -> "error: <message>" and exit status 1
 
 Every field becomes `--name` with its type and default; booleans get `--name/--no-name`.
+metadata "min"/"max" are inclusive bounds, checked at parse time ("none" always passes for an
+optional field); `check(cfg)` may raise ValueError for rules that involve several flags. Both end
+as argparse's usage line plus one "error: ..." line, with exit status 2.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import typing
 
 
@@ -22,8 +30,9 @@ def build_parser(config_cls, description: str | None = None) -> argparse.Argumen
     for f in dataclasses.fields(config_cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind = hints[f.name]
+        bounds = _bounds_text(f.metadata)
         # argparse %-formats help strings: a literal "%" in our text must be written "%%"
-        help_text = (f.metadata.get("help", "").replace("%", "%%") + " (default: %(default)s)").strip()
+        help_text = (f.metadata.get("help", "").replace("%", "%%") + bounds + " (default: %(default)s)").strip()
         kwargs = dict(default=default, help=help_text)
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
@@ -39,6 +48,12 @@ def build_parser(config_cls, description: str | None = None) -> argparse.Argumen
     return parser
 
 
+def _bounds_text(metadata) -> str:
+    parts = [f">= {metadata['min']}"] if "min" in metadata else []
+    parts += [f"<= {metadata['max']}"] if "max" in metadata else []
+    return f" [{', '.join(parts)}]" if parts else ""
+
+
 def _none_or(convert):
     def parse(text: str):
         return None if text.lower() == "none" else convert(text)
@@ -47,7 +62,44 @@ def _none_or(convert):
     return parse
 
 
-def parse_config(config_cls, argv: list[str] | None = None, description: str | None = None):
-    """Parse `argv` (default: sys.argv) into an instance of `config_cls`."""
-    args = build_parser(config_cls, description).parse_args(argv)
-    return config_cls(**vars(args))
+def check_bounds(cfg) -> None:
+    """Raise ValueError naming the first field outside its metadata "min"/"max" bounds."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if value != value:  # NaN passes every comparison: refuse it explicitly
+            raise ValueError(f"--{f.name} must be a number, got nan")
+        if "min" in f.metadata and value < f.metadata["min"]:
+            raise ValueError(f"--{f.name} must be >= {f.metadata['min']}, got {value}")
+        if "max" in f.metadata and value > f.metadata["max"]:
+            raise ValueError(f"--{f.name} must be <= {f.metadata['max']}, got {value}")
+
+
+def parse_config(config_cls, argv: list[str] | None = None, description: str | None = None, check=None):
+    """Parse `argv` (default: sys.argv) into an instance of `config_cls`, then validate it: the fields'
+    "min"/"max" bounds, then `check(cfg)` if given. A ValueError from either becomes argparse's
+    one-line error (usage + "error: ...", exit status 2), as a mistyped flag does."""
+    parser = build_parser(config_cls, description)
+    cfg = config_cls(**vars(parser.parse_args(argv)))
+    try:
+        check_bounds(cfg)
+        if check is not None:
+            check(cfg)
+    except ValueError as err:
+        parser.error(str(err))
+    return cfg
+
+
+# The mistakes a user can make that a script reports as one line: a bad value (ValueError), a missing,
+# locked or unwritable file, a full disk (OSError), a diverged run (FloatingPointError), a missing
+# optional package (ImportError). Anything else is a bug in our code and keeps its traceback.
+EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError, ImportError)
+
+
+def run_cli(main, argv: list[str] | None = None):
+    """Call main(argv); an expected error prints "error: <message>" to stderr and exits with status 1."""
+    try:
+        return main(argv)
+    except EXPECTED_ERRORS as err:
+        sys.exit(f"error: {err}")

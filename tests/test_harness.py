@@ -3,7 +3,7 @@ import types
 
 import pytest
 
-from tests.harness import Exercise, exercise_tests
+from tests.harness import Exercise, exercise_tests, is_untouched_stub
 
 
 def _module(name, **functions):
@@ -40,9 +40,80 @@ def _tests(learner):
     return exercise_tests(exercises, solutions, [Exercise("ex01_square", check_square, wrong=[wrong])])
 
 
+def outcome(test, *args) -> tuple[str, str]:
+    """Run one generated test and say how it ended, as pytest would report it: passed, skipped or failed."""
+    try:
+        test(*args)
+    except pytest.skip.Exception as err:
+        return "skipped", str(err)
+    except pytest.fail.Exception as err:
+        return "failed", str(err)
+    return "passed", ""
+
+
 def test_stub_is_reported_as_not_attempted():
     with pytest.raises(pytest.skip.Exception, match="not attempted yet"):
         _tests(stub).test_exercise("ex01_square")
+
+
+def stub_with_message(x):
+    """Return x squared."""
+    # TODO: your code here
+    raise NotImplementedError("fill me in")
+
+
+def unfinished_helper(x):
+    raise NotImplementedError("complex numbers are not supported on this backend")
+
+
+def filled_in_calling_unfinished_code(x):
+    """Return x squared."""
+    return unfinished_helper(x) * x
+
+
+def ex01_square(x):  # the stub of a two-exercise chapter ...
+    """Return x squared."""
+    raise NotImplementedError
+
+
+def ex02_cube(x):  # ... whose second exercise is filled in, and calls the first one
+    """Return x cubed."""
+    return ex01_square(x) * x
+
+
+def test_stub_detection():
+    assert is_untouched_stub(stub) and is_untouched_stub(stub_with_message)
+    assert not is_untouched_stub(right)
+    assert not is_untouched_stub(filled_in_calling_unfinished_code)
+    assert not is_untouched_stub(unfinished_helper.__call__)  # no source: counts as attempted
+    assert not is_untouched_stub(lambda x: x)
+
+
+def test_stub_with_a_message_and_comments_is_not_attempted():
+    status, message = outcome(_tests(stub_with_message).test_exercise, "ex01_square")
+    assert status == "skipped" and "not attempted yet" in message, (status, message)
+
+
+def test_filled_in_answer_raising_not_implemented_fails():
+    # Fails on the old harness, which skipped every NotImplementedError as "not attempted yet":
+    # a learner whose own code calls something unfinished was told to start, not what broke.
+    status, message = outcome(_tests(filled_in_calling_unfinished_code).test_exercise, "ex01_square")
+    assert status == "failed", f"a filled-in answer that raises NotImplementedError was {status}: {message}"
+    assert "raised NotImplementedError in unfinished_helper" in message, message
+    assert "complex numbers are not supported" in message, message
+
+
+def test_filled_in_answer_calling_a_stub_names_the_stub():
+    exercises = _module("fake_exercises_2", ex01_square=ex01_square, ex02_cube=ex02_cube)
+    solutions = _module("fake_solutions_2", ex01_square=right, ex02_cube=lambda x: x**3)
+    tests = exercise_tests(exercises, solutions, [
+        Exercise("ex01_square", check_square, wrong=[wrong]),
+        Exercise("ex02_cube", lambda fn: fn(2), wrong=[]),
+    ])
+    assert outcome(tests.test_exercise, "ex01_square")[0] == "skipped"
+    status, message = outcome(tests.test_exercise, "ex02_cube")
+    assert status == "failed", f"ex02 is filled in but was {status}: {message}"
+    assert "calls fake_exercises_2.ex01_square, which is still a stub" in message, message
 
 
 def test_right_answer_passes():

@@ -1,6 +1,10 @@
 """Part 0 exercises: each check compares with an independent reference (the part01 GPT, PyTorch's
-FLOP counter, a real AdamW step, a counting loop) or a number worked out by hand."""
+FLOP counter, a real AdamW step, a counting loop, Python's compressors) or a number worked out by hand."""
+import bz2
+import functools
+import lzma
 import math
+import zlib
 
 import pytest
 import torch
@@ -10,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from part00_foundations import exercises, solutions
 from part01_transformer.model import GPT, GPTConfig
+from shared.data import load_text, train_val_split
 from tests.harness import Exercise, exercise_tests
 
 
@@ -59,23 +64,67 @@ def ex01_wrong_ignores_bias_flag(n_layer, n_embd, vocab_size, block_size, bias=T
     return solutions.ex01_gpt_param_count(n_layer, n_embd, vocab_size, block_size, True, tied)
 
 
-# --- ex02 and ex03: training compute and time ----------------------------------------------------
+# --- ex02: the exact FLOPs of a GPT training step ------------------------------------------------
+
+
+def counted_training_flops(n_layer, n_embd, vocab_size, block_size, batch_size, n_head) -> int:
+    """PyTorch's FLOP counter around one forward + backward of the part01 GPT."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
+                          n_embd=n_embd))
+    idx = torch.randint(vocab_size, (batch_size, block_size))
+    with FlopCounterMode(display=False) as counter:
+        _, loss = model(idx, idx)
+        loss.backward()
+    return counter.get_total_flops()
 
 
 def check_ex02(fn):
-    # PyTorch's FLOP counter on a bias-free Linear layer: N = in * out weights, D = rows of the batch.
-    # Forward: 2 N D; backward: grad of the input 2 N D + grad of the weight 2 N D.
+    # sizes where the attention term matters (block_size comparable to n_embd) and where it does not
+    for args in [(2, 32, 256, 16, 3, 4), (3, 48, 100, 24, 2, 2), (1, 16, 64, 64, 1, 1), (2, 64, 50, 8, 2, 8)]:
+        n_layer, n_embd, vocab_size, block_size, batch_size, n_head = args
+        want = counted_training_flops(*args)
+        got = fn(n_layer, n_embd, vocab_size, block_size, batch_size)
+        assert got == want, (f"n_layer={n_layer} n_embd={n_embd} vocab={vocab_size} block={block_size} "
+                             f"batch={batch_size}: got {got:,}, FlopCounterMode counts {want:,} "
+                             f"({got / want:.3f}x)")
+
+
+def ex02_wrong_six_n_d(n_layer, n_embd, vocab_size, block_size, batch_size):  # the rule of thumb, all parameters
+    return 6 * solutions.ex01_gpt_param_count(n_layer, n_embd, vocab_size, block_size) * batch_size * block_size
+
+
+def ex02_wrong_no_attention(n_layer, n_embd, vocab_size, block_size, batch_size):
+    return 6 * (n_layer * 12 * n_embd**2 + vocab_size * n_embd) * batch_size * block_size
+
+
+def ex02_wrong_forward_only(n_layer, n_embd, vocab_size, block_size, batch_size):
+    return solutions.ex02_gpt_training_flops(n_layer, n_embd, vocab_size, block_size, batch_size) // 3
+
+
+def ex02_wrong_causal_half(n_layer, n_embd, vocab_size, block_size, batch_size):  # the mask does not save work
+    attention = 3 * batch_size * block_size * n_layer * 4 * block_size * n_embd
+    return ex02_wrong_no_attention(n_layer, n_embd, vocab_size, block_size, batch_size) + attention // 2
+
+
+def ex02_wrong_untied_head_skipped(n_layer, n_embd, vocab_size, block_size, batch_size):  # tied != free
+    attention = 3 * batch_size * block_size * n_layer * 4 * block_size * n_embd
+    return 6 * n_layer * 12 * n_embd**2 * batch_size * block_size + attention
+
+
+# --- ex03: training time ---------------------------------------------------------------------------
+
+
+def check_ex03(fn):
+    # 6 N D against PyTorch's FLOP counter on a bias-free Linear layer: N = in * out weights, D = rows.
+    # The days for a "cluster" of one device doing 1 FLOP/s at full utilization are FLOPs / 86400.
     for n_in, n_out, n_tokens in [(64, 32, 10), (48, 96, 7)]:
         layer = nn.Linear(n_in, n_out, bias=False)
         x = torch.randn(n_tokens, n_in, requires_grad=True)
         with FlopCounterMode(display=False) as counter:
             layer(x).sum().backward()
-        n_params = n_in * n_out
-        close(fn(n_params, n_tokens), counter.get_total_flops(), f"N={n_params}, D={n_tokens} (FlopCounterMode)")
-    close(fn(124e6, 300e9), 2.232e20, "N=124e6, D=300e9")
-
-
-def check_ex03(fn):
+        close(fn(n_in * n_out, n_tokens, 1, 1.0, 1.0), counter.get_total_flops() / 86400,
+              f"N={n_in * n_out}, D={n_tokens} on 1 device at 1 FLOP/s (FlopCounterMode: 6 N D)")
     # Chinchilla-sized: 6 * 70e9 * 1.4e12 = 5.88e23 FLOPs at 1024 * 312e12 * 0.4 = 1.277952e17 FLOP/s
     close(fn(70e9, 1.4e12, 1024, 312e12, 0.4), 5.88e23 / 1.277952e17 / 86400, "70e9 params, 1.4e12 tokens")
     assert 53.2 < fn(70e9, 1.4e12, 1024, 312e12, 0.4) < 53.3
@@ -135,34 +184,83 @@ def ex04_wrong_mixed_halves_everything(n_params, recipe):
     return solutions.ex04_training_memory(n_params, "bf16_pure" if recipe == "bf16_mixed" else recipe)
 
 
-# --- ex05 and ex06: tokens, bytes, perplexity, bits ----------------------------------------------
+# --- ex05: the compressor experiment -----------------------------------------------------------------
+
+
+@functools.cache
+def shakespeare_val() -> str:
+    return train_val_split(load_text("shakespeare"))[1]
+
+
+# The reference measured (Python 3.11's zlib 1.2/1.3, libbz2 1.0.8, liblzma 5.x) on the 478 KB validation
+# split: zlib 3.18, lzma 2.76, bz2 2.43 bits per byte. bz2's Burrows-Wheeler transform suits text best.
+# The range leaves +-0.2 for other library versions, and stays below lzma and zlib, so using only one of
+# those, or forgetting to take the best, is caught.
+COMPRESSOR_BPB_RANGE = (2.2, 2.65)
+
+
+def check_ex05(fn):
+    got = fn(shakespeare_val())
+    low, high = COMPRESSOR_BPB_RANGE
+    assert isinstance(got, float), f"return a float (bits per byte), got {type(got).__name__}"
+    assert low <= got <= high, (f"the best compressor gave {got:.3f} bits per byte on the Shakespeare validation "
+                                f"split; the reference measured about 2.43 (bz2), and accepts {low}..{high}. "
+                                "Bits per byte = 8 * compressed bytes / input bytes, the best of zlib, bz2, lzma")
+
+
+def _compressed_bits_per_byte(compress, text):
+    data = text.encode("utf-8")
+    return 8 * len(compress(data)) / len(data)
+
+
+# --- ex06: perplexity and bits per byte ------------------------------------------------------------------
 
 ACCENTED = "héllo wörld ☃"  # 13 characters; é and ö take 2 bytes, ☃ takes 3: 17 bytes
 
 
-def check_ex05(fn):
-    close(fn(ACCENTED, lambda s: list(s.encode("utf-8"))), 1.0, "a byte-level tokenizer")
-    close(fn(ACCENTED, list), 17 / 13, f"a character-level tokenizer on {ACCENTED!r} (17 bytes, 13 chars)")
-    close(fn("the cat sat", str.split), 11 / 3, "a word-level tokenizer on 'the cat sat'")
-
-
 def check_ex06(fn):
-    ppl, bpb = fn(math.log(256))
+    def as_bytes(s):
+        return list(s.encode("utf-8"))
+
+    ppl, bpb = fn(math.log(256), ACCENTED, as_bytes)
     close(ppl, 256.0, "perplexity of the uniform guess over 256 bytes")
     close(bpb, 8.0, "bits per byte of the uniform guess over 256 bytes")
     # Against the probabilities themselves: perplexity = 1 / geometric mean of p(target),
-    # bits = mean of -log2 p(target).
+    # bits = mean of -log2 p(target), one byte per token.
     torch.manual_seed(0)
     logits, targets = torch.randn(20, 256, dtype=torch.float64), torch.randint(256, (20,))
     loss = F.cross_entropy(logits, targets).item()
     p = F.softmax(logits, dim=-1)[torch.arange(20), targets]
-    ppl, bpb = fn(loss)
+    ppl, bpb = fn(loss, "twenty ascii bytes!!", as_bytes)
     close(ppl, (p.prod() ** (-1 / 20)).item(), "perplexity = 1 / geometric mean of p(target)")
     close(bpb, (-torch.log2(p)).mean().item(), "bits per byte = mean -log2 p(target) (1 byte per token)")
-    # a tokenizer whose tokens cover 4 bytes: 3 nats per token = 3 / ln 2 bits per token, over 4 bytes
-    ppl, bpb = fn(3.0, 4.0)
-    close(ppl, math.exp(3.0), "perplexity is per token: bytes_per_token does not change it")
-    close(bpb, 3.0 / math.log(2) / 4.0, "loss 3.0 nats with 4 bytes per token")
+    # a character-level tokenizer on accented text: 13 tokens for 17 bytes
+    ppl, bpb = fn(2.0, ACCENTED, list)
+    close(ppl, math.exp(2.0), "perplexity is per token: the tokenizer does not change it")
+    close(bpb, 2.0 * 13 / math.log(2) / 17, f"loss 2.0 nats per character on {ACCENTED!r} (13 chars, 17 bytes)")
+    # a word-level tokenizer: 3 tokens covering 11 bytes
+    ppl, bpb = fn(3.0, "the cat sat", str.split)
+    close(bpb, 3.0 * 3 / math.log(2) / 11, "loss 3.0 nats per word on 'the cat sat' (3 words, 11 bytes)")
+
+
+def _bytes_per_token(text, encode):
+    return len(text.encode("utf-8")) / len(encode(text))
+
+
+def ex06_wrong_characters_not_bytes(loss, text, encode):
+    return math.exp(loss), loss / math.log(2) / (len(text) / len(encode(text)))
+
+
+def ex06_wrong_ignores_tokenizer(loss, text, encode):
+    return math.exp(loss), loss / math.log(2)
+
+
+def ex06_wrong_times_bytes_per_token(loss, text, encode):
+    return math.exp(loss), loss / math.log(2) * _bytes_per_token(text, encode)
+
+
+def ex06_wrong_per_byte_perplexity(loss, text, encode):
+    return math.exp(loss / _bytes_per_token(text, encode)), loss / math.log(2) / _bytes_per_token(text, encode)
 
 
 # --- ex07: the counted bigram table --------------------------------------------------------------
@@ -205,10 +303,9 @@ CASES = [
         ex01_wrong_double_counts_tied_head, ex01_wrong_no_position_embedding,
         ex01_wrong_only_matrices, ex01_wrong_ignores_bias_flag,
     ]),
-    Exercise("ex02_training_flops", check_ex02, wrong=[
-        lambda n, d: 2 * n * d,  # forward only
-        lambda n, d: 4 * n * d,  # backward only
-        lambda n, d: 6 * n,  # per token
+    Exercise("ex02_gpt_training_flops", check_ex02, wrong=[
+        ex02_wrong_six_n_d, ex02_wrong_no_attention, ex02_wrong_forward_only, ex02_wrong_causal_half,
+        ex02_wrong_untied_head_skipped,
     ]),
     Exercise("ex03_training_days", check_ex03, wrong=[
         lambda n, d, g, peak, mfu: 6 * n * d / (g * peak) / 86400,  # forgets the utilization
@@ -219,17 +316,18 @@ CASES = [
     Exercise("ex04_training_memory", check_ex04, wrong=[
         ex04_wrong_adam_one_state, ex04_wrong_no_master_weights, ex04_wrong_mixed_halves_everything,
     ]),
-    Exercise("ex05_bytes_per_token", check_ex05, wrong=[
-        lambda text, encode: len(text) / len(encode(text)),  # characters, not bytes
-        lambda text, encode: len(encode(text)) / len(text.encode("utf-8")),  # tokens per byte
+    Exercise("ex05_compressor_bits_per_byte", check_ex05, wrong=[
+        lambda text: _compressed_bits_per_byte(zlib.compress, text),  # only zlib (gzip's algorithm)
+        lambda text: _compressed_bits_per_byte(lzma.compress, text),  # only lzma (xz)
+        lambda text: len(bz2.compress(text.encode("utf-8"), 9)) / len(text.encode("utf-8")),  # bytes, not bits
+        lambda text: len(text.encode("utf-8")) / len(bz2.compress(text.encode("utf-8"), 9)),  # compression ratio
     ]),
     Exercise("ex06_perplexity_and_bpb", check_ex06, wrong=[
-        lambda loss, bpt=1.0: (2**loss, loss / math.log(2) / bpt),  # perplexity in the wrong base
-        lambda loss, bpt=1.0: (math.exp(loss), loss * math.log(2) / bpt),  # multiplies by ln 2
-        lambda loss, bpt=1.0: (math.exp(loss), loss / math.log(10) / bpt),  # log base 10
-        lambda loss, bpt=1.0: (math.exp(loss), loss / math.log(2) * bpt),  # bits per token times bytes
-        lambda loss, bpt=1.0: (math.exp(loss), loss / math.log(2)),  # ignores bytes_per_token
-        lambda loss, bpt=1.0: (math.exp(loss / bpt), loss / math.log(2) / bpt),  # per-byte perplexity
+        lambda loss, text, encode: (2**loss, solutions.ex06_perplexity_and_bpb(loss, text, encode)[1]),  # base 2
+        lambda loss, text, encode: (math.exp(loss), loss * math.log(2) / _bytes_per_token(text, encode)),  # x ln 2
+        lambda loss, text, encode: (math.exp(loss), loss / math.log(10) / _bytes_per_token(text, encode)),  # log10
+        ex06_wrong_characters_not_bytes, ex06_wrong_ignores_tokenizer, ex06_wrong_times_bytes_per_token,
+        ex06_wrong_per_byte_perplexity,
     ]),
     Exercise("ex07_bigram_log_probs", check_ex07, wrong=[
         ex07_wrong_transposed, ex07_wrong_wraparound, ex07_wrong_probs_not_logs,

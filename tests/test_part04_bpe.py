@@ -6,6 +6,7 @@ import warnings
 from collections import Counter
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -161,6 +162,69 @@ def test_decode_replaces_invalid_utf8_and_rejects_unknown_ids(unicode_tok):
     assert unicode_tok.decode([0xF0]) == "\ufffd" and unicode_tok.decode(emoji) == "😀"
     with pytest.raises(ValueError, match="not in this vocabulary"):
         unicode_tok.decode([1, unicode_tok.vocab_size])
+    # a negative id is no id either (Python's [-1] would quietly give the last token, <|endoftext|>)
+    for ids in ([-1], [5, -1], torch.tensor([3, -700])):
+        bad = min(ids) if isinstance(ids, list) else min(ids.tolist())
+        with pytest.raises(ValueError, match=rf"token id {bad} is not in this vocabulary \(ids 0\.\.699\)"):
+            unicode_tok.decode(ids)
+    assert unicode_tok.decode(torch.tensor([unicode_tok.eot_token])) == ENDOFTEXT
+
+
+# --- Long runs of one character: one chunk, many merges ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def runs_tok(corpus) -> Tokenizer:
+    """Trained on long runs, so it has tokens "aa", "aaaa", ... up to 128 "a"s, and runs of "ab" and spaces."""
+    tok = train(("a" * 300 + " " + "ab" * 40 + "\n" + " " * 50 + "x") * 20 + corpus[:20_000], 500)
+    assert b"a" * 128 in tok.vocab and b"abababab" in tok.vocab
+    return tok
+
+
+class CountingRanks(dict):
+    """The tokenizer's bytes -> id table, counting the lookups the encoder makes."""
+
+    lookups = 0
+
+    def get(self, key, default=None):
+        self.lookups += 1
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.lookups += 1
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.lookups += 1
+        return super().__contains__(key)
+
+
+@pytest.mark.parametrize("text", ["a" * 20_000, "ab" * 10_000, " " * 20_000 + "x", ("a" * 999 + "b") * 20])
+def test_a_long_run_encodes_like_tiktoken(runs_tok, text):
+    assert runs_tok.encode(text) == runs_tok.to_tiktoken().encode(text, allowed_special="all")
+
+
+@pytest.mark.parametrize("n", [1_000, 4_000])
+def test_encoding_a_run_takes_a_number_of_lookups_proportional_to_its_length(runs_tok, n):
+    # Scanning every pair before every merge would look up ~n^2 / 4 pairs here (4 million at n = 4000).
+    runs_tok.ranks = CountingRanks(runs_tok.ranks)
+    try:
+        ids = runs_tok.encode("a" * n)
+        lookups = runs_tok.ranks.lookups
+    finally:
+        runs_tok.ranks = dict(runs_tok.ranks)
+    assert runs_tok.decode(ids) == "a" * n
+    assert lookups <= 4 * n, f"{lookups} lookups of the vocabulary to encode {n} bytes"
+
+
+runs_of_characters = st.lists(st.tuples(st.sampled_from(["a", "b", "ab", " ", "\n", "😀", "x"]), st.integers(1, 400)),
+                              max_size=8).map(lambda runs: "".join(piece * count for piece, count in runs))
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=runs_of_characters)
+def test_ours_equals_tiktoken_on_random_runs(runs_tok, text):
+    assert runs_tok.encode(text) == runs_tok.to_tiktoken().encode(text, allowed_special="all")
 
 
 # --- Special tokens --------------------------------------------------------------------------------------------
@@ -217,6 +281,35 @@ def test_on_trained_merges_id_pair_and_byte_ranks_agree(shakespeare_tok, corpus)
 
 
 # --- Save, load and the cache ------------------------------------------------------------------------------
+
+
+def test_to_dict_holds_what_save_writes_and_survives_a_weights_only_checkpoint(unicode_tok, tmp_path):
+    state = unicode_tok.to_dict()
+    unicode_tok.save(tmp_path / "tok.json")
+    assert json.loads((tmp_path / "tok.json").read_text()) == state
+    torch.save({"tokenizer": state}, tmp_path / "ckpt.pt")
+    loaded = torch.load(tmp_path / "ckpt.pt", weights_only=True)["tokenizer"]  # plain str/int/list/dict only
+    assert loaded == state
+    rebuilt = Tokenizer.from_dict(loaded)
+    assert rebuilt.merges == unicode_tok.merges and rebuilt.special_tokens == unicode_tok.special_tokens
+    assert rebuilt.encode(UNICODE_SAMPLE + ENDOFTEXT) == unicode_tok.encode(UNICODE_SAMPLE + ENDOFTEXT)
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda d: [1, 2], "format"),
+    (lambda d: {**d, "format": "something else"}, "format"),
+    (lambda d: {k: v for k, v in d.items() if k != "pattern"}, "missing field 'pattern'"),
+    (lambda d: {**d, "merges": [[97, 300]]}, r"merge 0 \(97, 300\) uses an id that does not exist yet"),
+    (lambda d: {**d, "merges": "97 98"}, "pairs"),
+    (lambda d: {**d, "merges": [[97, True]]}, "pairs"),
+    (lambda d: {**d, "special_tokens": [ENDOFTEXT, 3]}, "list of strings"),
+    (lambda d: {**d, "special_tokens": [ENDOFTEXT, ENDOFTEXT]}, "distinct"),
+    (lambda d: {**d, "pattern": "(unclosed"}, "missing \\)"),
+    (lambda d: {**d, "pattern": 5}, "pattern"),
+])
+def test_from_dict_refuses_a_malformed_dict(unicode_tok, change, reason):
+    with pytest.raises(ValueError, match=f"not a valid tokenizer: .*{reason}"):
+        Tokenizer.from_dict(change(unicode_tok.to_dict()))
 
 
 def test_save_and_load_round_trip(unicode_tok, tmp_path):

@@ -9,9 +9,15 @@ import torch.nn as nn
 
 from part04_scaling import bench_precision, quantize, train
 from part04_scaling.generate import load_model
-from part04_scaling.model import GPT
+from part04_scaling.model import GPT, GPTConfig
 from part04_scaling.quantize import Int8Linear, dequantize_weight, quantize_model, quantize_weight
-from tests.test_part04_scaling import tiny_model, tiny_run_flags
+from tests.test_part04_scaling import tiny_run_flags
+
+
+def tiny_model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_kv_head=1, n_embd=32))
+
 
 # --- quantize_weight: per-channel symmetric absmax -------------------------------------------------------
 
@@ -205,11 +211,13 @@ def test_quantize_script_reports_every_variant(tiny_checkpoint):
     assert json.loads((run / "quantize.json").read_text())["rows"][0]["variant"] == "fp32"
 
 
-def test_quantize_script_without_a_checkpoint_says_to_train_first(tmp_path):
+def test_quantize_script_without_a_checkpoint_says_to_train_first(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="train a model first"):
         quantize.main(["--out_dir", str(tmp_path)])
-    with pytest.raises(ValueError, match="unknown"):
+    with pytest.raises(SystemExit) as exit_info:  # a bad flag: argparse's one-line error, before anything loads
         quantize.main(["--out_dir", str(tmp_path), "--variants", "fp32,int4"])
+    assert exit_info.value.code == 2 and "error: --variants: unknown ['int4']" in capsys.readouterr().err
+    assert quantize.variant_names("int8, dynamic") == ["fp32", "int8", "dynamic"]  # the baseline comes first
 
 
 def test_bench_precision_trains_each_dtype_from_the_same_start(tiny_checkpoint, tmp_path):

@@ -26,63 +26,9 @@ def tiny_run_flags(tmp_path, *extra) -> list[str]:
             "--eval_iters", "2", "--max_new_tokens", "10", "--device", "cpu", *extra]
 
 
-def tiny_model() -> GPT:
-    torch.manual_seed(0)
-    return GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_kv_head=1, n_embd=32))
-
-
-def batches(n: int, size: int, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    return [(torch.randint(50, (size, 16), generator=gen), torch.randint(50, (size, 16), generator=gen))
-            for _ in range(n)]
-
-
-def grads(model) -> list[torch.Tensor]:
-    return [p.grad.clone() for p in model.parameters()]
-
-
-# --- Gradient accumulation ----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("k", [2, 4])
-def test_k_micro_batches_give_the_gradient_of_one_big_batch(k):
-    micro = batches(k, 3)
-    big = [(torch.cat([x for x, _ in micro]), torch.cat([y for _, y in micro]))]
-    model = tiny_model()
-    accumulated_loss = train.accumulate_gradients(model, micro, "cpu", "float32")
-    accumulated = grads(model)
-    model.zero_grad()
-    big_loss = train.accumulate_gradients(model, big, "cpu", "float32")
-    assert accumulated_loss == pytest.approx(big_loss, rel=1e-6)  # the logged loss covers every micro-batch
-    for a, b in zip(accumulated, grads(model)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)  # equal up to float summation order
-
-
-def test_accumulated_loss_is_the_mean_over_micro_batches_not_the_last_one():
-    model = tiny_model()
-    micro = batches(3, 2)
-    with torch.no_grad():
-        each = [model(x, y)[1].item() for x, y in micro]
-    assert train.accumulate_gradients(model, micro, "cpu", "float32") == pytest.approx(sum(each) / 3, rel=1e-6)
-
-
-def test_train_step_clips_the_gradient_before_the_optimizer_sees_it():
-    model = tiny_model()
-    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99))
-    seen = []
-    step = optimizer.step
-
-    def spy_step(*args, **kwargs):
-        seen.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item())
-        return step(*args, **kwargs)
-
-    optimizer.step = spy_step
-    cfg = train.TrainConfig(grad_clip=0.01)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    loss, grad_norm = train.train_step(model, optimizer, scaler, batches(2, 3), 1e-3, cfg, "cpu")
-    assert math.isfinite(loss) and grad_norm > 0.01  # the norm before clipping is what we log
-    assert seen and seen[0] == pytest.approx(0.01, rel=1e-3)
-    assert all(p.grad is None for p in model.parameters())  # zeroed for the next step
+# Gradient accumulation and clipping are written inline in train(): tests/test_part04_run_safety.py
+# checks them end to end (2 micro-batches of 4 take the steps of one batch of 8; the optimizer sees
+# the clipped gradient).
 
 
 # --- Learning-rate schedules -------------------------------------------------------------------
@@ -135,10 +81,9 @@ def test_training_learns_logs_and_saves_everything_needed(tmp_path):
     for r in records[1:]:  # a validation split, a finite gradient norm and the loss of the whole step
         assert {"val_loss", "val_bits_per_byte", "step_loss", "lr", "tokens_per_sec"} <= set(r)
         assert math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 and math.isfinite(r["step_loss"])
-    assert results["val_bits_per_byte"] == pytest.approx(results["val_loss"] / math.log(2) / results["bytes_per_token"])
     checkpoint = final_state(tmp_path)
     assert checkpoint["iter_num"] == 60 and checkpoint["optimizer"]["state"]  # the Adam moments are in
-    assert set(checkpoint["rng"]) == {"torch", "cuda", "batches"}
+    assert set(checkpoint["rng"]) == {"torch", "cuda", "batches"} and len(checkpoint["rng"]["torch"]) == 1
     run = tmp_path / "run"
     assert (run / "loss.png").stat().st_size > 0 and (run / "tokenizer.json").is_file() and not list(run.glob("*.tmp"))
     result = generate.main(["--out_dir", str(run), "--start", "ROMEO:", "--max_new_tokens", "20", "--device", "cpu"])

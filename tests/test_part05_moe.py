@@ -12,7 +12,7 @@ from tests.texts import write_verse
 
 
 def moe_config(**changes) -> GPTConfig:
-    base = dict(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, n_expert=4, top_k=2)
+    base = dict(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, n_expert=4, moe_top_k=2)
     return GPTConfig(**{**base, **changes})
 
 
@@ -70,14 +70,14 @@ def test_z_loss_is_the_mean_squared_logsumexp():
 
 @pytest.mark.parametrize("top_k", [1, 2, 3])
 def test_vectorised_dispatch_equals_the_token_by_token_definition(top_k):
-    moe = moe_layer(top_k=top_k)
+    moe = moe_layer(moe_top_k=top_k)
     x = tokens_in()
     with torch.no_grad():
         torch.testing.assert_close(moe(x), reference_moe(moe, x), rtol=1e-5, atol=1e-6)
 
 
 def test_top_k_picks_the_highest_scoring_experts_and_renormalises_their_weights():
-    moe = moe_layer(n_expert=4, top_k=2)
+    moe = moe_layer(n_expert=4, moe_top_k=2)
     with torch.no_grad():
         moe.router.weight.zero_()
         moe.router.weight[:, 0] = torch.tensor([1.0, 3.0, 0.0, 2.0])  # logits: expert 1 > 3 > 0 > 2 when x[0] = 1
@@ -94,7 +94,7 @@ def test_top_k_picks_the_highest_scoring_experts_and_renormalises_their_weights(
 def test_a_one_expert_moe_is_the_dense_mlp_with_the_same_weights():
     torch.manual_seed(0)
     dense = GPT(moe_config(n_expert=0))
-    moe = GPT(moe_config(n_expert=1, top_k=1))
+    moe = GPT(moe_config(n_expert=1, moe_top_k=1))
     state = {k.replace(".mlp.", ".mlp.experts.0."): v for k, v in dense.state_dict().items()}
     missing, unexpected = moe.load_state_dict(state, strict=False)
     assert all(k.endswith("router.weight") for k in missing) and not unexpected
@@ -108,7 +108,7 @@ def test_a_one_expert_moe_is_the_dense_mlp_with_the_same_weights():
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_the_language_model_loss_alone_reaches_the_router(top_k):
     torch.manual_seed(0)
-    model = GPT(moe_config(top_k=top_k, aux_loss_coef=0.0, z_loss_coef=0.0))
+    model = GPT(moe_config(moe_top_k=top_k, aux_loss_coef=0.0, z_loss_coef=0.0))
     idx = torch.randint(50, (2, 16))
     _, loss = model(idx, idx)
     loss.backward()
@@ -129,7 +129,7 @@ def test_training_loss_adds_the_weighted_router_losses_and_eval_loss_is_pure_cro
 
 
 def test_capacity_drops_the_overflow_in_token_order_and_reports_the_rate():
-    moe = moe_layer(n_expert=4, top_k=1, capacity_factor=1.0)
+    moe = moe_layer(n_expert=4, moe_top_k=1, capacity_factor=1.0)
     with torch.no_grad():
         moe.router.weight.zero_()
         moe.router.weight[0] = 1.0  # every token (all channels positive) prefers expert 0
@@ -183,7 +183,7 @@ def test_shared_expert_adds_an_always_on_mlp_to_the_routed_output():
 def test_active_parameters_count_only_the_chosen_experts():
     dense = GPT(moe_config(n_expert=0))
     hidden = dense.blocks[0].mlp.up.out_features
-    moe = GPT(moe_config(n_expert=8, top_k=2, expert_hidden=hidden // 2))
+    moe = GPT(moe_config(n_expert=8, moe_top_k=2, expert_hidden=hidden // 2))
     router = 2 * 32 * 8  # two layers of (n_embd, n_expert) routers
     assert moe.num_active_params() == dense.num_params() + router  # 2 experts of half size = the dense MLP
     assert moe.num_params() == dense.num_params() + router + 2 * 3 * 32 * (hidden // 2) * 6  # 6 idle experts

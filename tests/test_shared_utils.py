@@ -8,7 +8,7 @@ import torch
 from shared.config import build_parser, parse_config
 from shared.device import autocast, pick_device, supports_dtype
 from shared.diff import chapter_diff
-from shared.metrics import MetricsLogger, plot_loss, read_metrics
+from shared.metrics import MetricsLogger, _log_ticks, _smooth, plot_loss, read_metrics, read_steps
 
 
 @dataclass
@@ -57,6 +57,93 @@ def test_metrics_logger_writes_jsonl_and_plot(tmp_path):
     assert len(read_metrics(tmp_path / "metrics.jsonl")) == 3
     MetricsLogger(tmp_path)  # a fresh run starts the file anew
     assert read_metrics(tmp_path / "metrics.jsonl") == []
+
+
+def _run(out_dir, iters, resume=False, start_iter=None, offset=0.0):
+    """A toy training loop as train.py runs it: evaluate at every 5th step, then take the step."""
+    with MetricsLogger(out_dir, resume=resume, start_iter=start_iter) as log:
+        for it in iters:
+            if it % 5 == 0:
+                log.log(iter=it, train_loss=10.0 - it + offset, val_loss=11.0 - it + offset)
+            if it < 10:
+                log.log_step(it, 10.0 - it + offset)
+
+
+def test_metrics_logger_resume_logs_every_step_once(tmp_path):
+    _run(tmp_path, range(0, 11))
+    assert [r["iter"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0, 5, 10]
+    assert [r["iter"] for r in read_steps(tmp_path)] == list(range(10))
+    # Resume at step 5 (the checkpoint of the evaluation at 5); the resumed run logs 5..10 again.
+    _run(tmp_path, range(5, 11), resume=True, start_iter=5, offset=0.5)
+    metrics, steps = read_metrics(tmp_path / "metrics.jsonl"), read_steps(tmp_path / "steps.jsonl")
+    assert [r["iter"] for r in metrics] == [0, 5, 10]
+    assert [r["iter"] for r in steps] == list(range(10))
+    # rows before step 5 come from the first run, the others from the resumed one
+    assert [r["loss"] for r in steps] == [10.0 - i for i in range(5)] + [10.5 - i for i in range(5, 10)]
+    assert [r["train_loss"] for r in metrics] == [10.0, 5.5, 0.5]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "steps.jsonl"]  # no temp files left
+
+
+def test_metrics_logger_fresh_run_starts_empty(tmp_path):
+    _run(tmp_path, range(0, 11))
+    MetricsLogger(tmp_path).close()
+    assert read_metrics(tmp_path / "metrics.jsonl") == [] and read_steps(tmp_path) == []
+    MetricsLogger(tmp_path / "new").close()  # a new out_dir is made, with both files empty
+    assert read_metrics(tmp_path / "new" / "metrics.jsonl") == [] and read_steps(tmp_path / "new") == []
+
+
+def test_metrics_logger_writes_steps_at_each_evaluation(tmp_path):
+    log = MetricsLogger(tmp_path)
+    for it in range(3):
+        log.log_step(it, 2.0)
+    assert read_steps(tmp_path) == []  # kept in memory between evaluations
+    log.log(iter=3, val_loss=1.0)
+    assert [r["iter"] for r in read_steps(tmp_path)] == [0, 1, 2]
+    log.log_step(3, float("inf"))
+    log.close()
+    assert read_steps(tmp_path)[-1] == {"iter": 3, "loss": None}  # inf/NaN stored as valid JSON
+
+
+def test_resume_drops_a_half_written_line(tmp_path):
+    (tmp_path / "steps.jsonl").write_text('{"iter": 0, "loss": 2.0}\n{"iter": 1, "loss": 1.9}\n{"iter": 2, "lo')
+    MetricsLogger(tmp_path, resume=True, start_iter=2).close()
+    assert read_steps(tmp_path) == [{"iter": 0, "loss": 2.0}, {"iter": 1, "loss": 1.9}]
+    assert read_steps(tmp_path / "nowhere") == []
+
+
+def test_smoothing_follows_a_falling_loss_and_removes_noise():
+    import math
+
+    falling = [1.7 + 3.8 * math.exp(-t / 70) for t in range(3500)]
+    smooth = _smooth(falling, span=70)
+    assert smooth[0] == falling[0]
+    # a plain moving average over 70 steps trails the fast early drop by > 0.5 nats
+    assert max(abs(s - f) / f for s, f in zip(smooth, falling)) < 0.05
+    noisy = [2.0 + (0.3 if t % 2 else -0.3) for t in range(3500)]
+    tail = _smooth(noisy, span=70)[1000:]
+    assert max(tail) - min(tail) < 0.05  # the raw values span 0.6
+
+
+def test_log_ticks_are_round_numbers_inside_the_range():
+    assert _log_ticks(1.53, 5.7) == [1.6, 1.8, 2.0, 2.5, 3.0, 4.0, 5.0]
+    assert all(0.01 <= t <= 100 for t in _log_ticks(0.01, 100)) and len(_log_ticks(0.01, 100)) <= 9
+
+
+def test_plot_loss_with_steps_and_missing_values(tmp_path):
+    records = [{"iter": 0, "train_loss": 5.5, "val_loss": 5.5, "step_loss": None},
+               {"iter": 50, "train_loss": 2.5, "val_loss": None, "step_loss": 2.6},
+               {"iter": 100, "train_loss": 2.0, "val_loss": 2.1, "step_loss": 2.0}]
+    steps = [{"iter": i, "loss": None if i == 7 else 5.5 - 0.035 * i} for i in range(100)]
+    for name, kwargs in [("steps", dict(steps=steps)), ("plain", {}), ("empty_steps", dict(steps=[])),
+                         ("all_none", dict(steps=[{"iter": 0, "loss": None}]))]:
+        png = plot_loss(records if name != "all_none" else [{"iter": 0, "val_loss": None}],
+                        tmp_path / f"{name}.png", **kwargs)
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    # a loss that goes negative (a policy loss, say) cannot use a log axis: it is drawn linear
+    plot_loss([{"iter": i, "policy_loss": 0.1 - 0.02 * i} for i in range(10)], tmp_path / "negative.png",
+              steps=[{"iter": i, "loss": 0.1 - 0.02 * i} for i in range(10)])
+    with pytest.raises(ValueError, match="x='iter'"):
+        plot_loss(records, tmp_path / "bad.png", x="tokens", steps=steps)
 
 
 def test_device_choice():
