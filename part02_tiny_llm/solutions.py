@@ -2,7 +2,6 @@
 import math
 
 import torch
-import torch.nn as nn  # noqa: F401
 from torch.nn import functional as F
 
 

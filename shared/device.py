@@ -17,6 +17,8 @@ def pick_device(requested: str = "auto") -> str:
     """Return "cuda", "mps" or "cpu". "auto" picks the best one available."""
     if requested != "auto":
         kind = requested.split(":")[0]
+        if kind not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"--device {requested}: unknown device; use auto, cpu, cuda, cuda:N or mps")
         if kind == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {requested}: no CUDA GPU is visible to PyTorch (try --device cpu)")
         if kind == "mps" and not torch.backends.mps.is_available():

@@ -23,12 +23,18 @@ Usage, in tests/test_partNN_exercises.py:
     (test_solution, test_exercise,
      test_check_rejects_wrong, test_every_exercise_is_checked) = exercise_tests(exercises, solutions, CASES)
 
+Two tools for checks: `TorchCalls` forbids calling the library function an exercise asks you to write
+(and counts torch calls), `python_lines` counts the Python lines an answer runs, so a check can tell a
+vectorised answer from a loop without timing anything. An experiment exercise returns a measured number,
+and its check accepts the range the reference measured (with the reasoning for the range beside it).
+
 Run one chapter's exercises with `pytest tests/test_partNN_exercises.py -rs` (-rs lists the skipped ones).
 """
 from __future__ import annotations
 
 import ast
 import inspect
+import sys
 import textwrap
 import traceback
 from dataclasses import dataclass, field
@@ -72,8 +78,8 @@ class TorchCalls(TorchFunctionMode):
     A forbidden function raises AssertionError with its message, so a check fails with a clear reason. The
     message may instead be a function of (args, kwargs) returning a message or None (None: this call is fine),
     to forbid only some uses, e.g. {F.scaled_dot_product_attention: lambda a, kw: kw.get("enable_gqa") and "..."}.
-    Checks use the count to tell a vectorised answer from a Python loop: a loop over N items makes a
-    number of calls that grows with N.
+    (To tell a vectorised answer from a Python loop, count lines with python_lines: a loop over a list made
+    with .tolist() calls no torch function at all.)
     """
 
     def __init__(self, forbidden: dict | None = None):
@@ -93,6 +99,35 @@ class TorchCalls(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+def python_lines(fn: Callable, *args, **kwargs) -> tuple[object, int]:
+    """Call fn(*args, **kwargs); return its result and the number of Python lines it ran in its own source
+    file (its helpers in that file included, library code not).
+
+    A Python loop over N items runs a number of lines that grows with N, on any machine: a check calls fn
+    on a small and a big input and compares the counts, to tell a vectorised answer from a loop without
+    timing anything.
+    """
+    filename = fn.__code__.co_filename
+    count = 0
+
+    def count_lines(frame, event, arg):
+        nonlocal count
+        if event == "line":
+            count += 1
+        return count_lines
+
+    def trace_calls(frame, event, arg):
+        return count_lines if frame.f_code.co_filename == filename else None
+
+    previous = sys.gettrace()
+    sys.settrace(trace_calls)
+    try:
+        result = fn(*args, **kwargs)
+    finally:
+        sys.settrace(previous)
+    return result, count
+
+
 def is_untouched_stub(fn: Callable) -> bool:
     """True while fn is still the stub exercises.py ships: an optional docstring, then only
     `raise NotImplementedError` (with or without a message). Comments do not matter.
@@ -108,7 +143,8 @@ def is_untouched_stub(fn: Callable) -> bool:
     if not tree.body or not isinstance(tree.body[0], (ast.FunctionDef, ast.AsyncFunctionDef)):
         return False
     body = tree.body[0].body
-    if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+    first = body[0]
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
         body = body[1:]  # the docstring
     if len(body) != 1 or not isinstance(body[0], ast.Raise) or body[0].cause is not None:
         return False
@@ -118,7 +154,7 @@ def is_untouched_stub(fn: Callable) -> bool:
     return isinstance(exc, ast.Name) and exc.id == "NotImplementedError"
 
 
-def _not_implemented_message(name: str, exercises: ModuleType, err: NotImplementedError) -> str:
+def _not_implemented_message(name: str, fn: Callable, exercises: ModuleType, err: NotImplementedError) -> str:
     """Say where a filled-in answer hit a NotImplementedError, and what to do about it."""
     frames = traceback.extract_tb(err.__traceback__)
     last = frames[-1] if frames else None
@@ -126,6 +162,9 @@ def _not_implemented_message(name: str, exercises: ModuleType, err: NotImplement
     if stub is not None and last.name != name and is_untouched_stub(stub):
         return (f"{name} calls {exercises.__name__}.{last.name}, which is still a stub (raise NotImplementedError): "
                 f"fill in {last.name} first, or write {name} without it.")
+    if last is not None and last.name == fn.__code__.co_name:  # code written around a raise that is still there
+        return (f"{name} still raises NotImplementedError itself ({last.filename}:{last.lineno}): delete that "
+                "line of the stub once your code is in place.")
     where = f" in {last.name} ({last.filename}:{last.lineno})" if last else ""
     return (f"{name} raised NotImplementedError{where}{': ' + str(err) if str(err) else ''}. Your answer is filled "
             f"in, so this is not skipped: something it calls is not implemented (yet) for these inputs.")
@@ -150,7 +189,7 @@ def exercise_tests(exercises: ModuleType, solutions: ModuleType, cases: list[Exe
         try:
             case.check(fn)
         except NotImplementedError as err:  # raised by something the filled-in answer calls
-            pytest.fail(_not_implemented_message(name, exercises, err), pytrace=False)
+            pytest.fail(_not_implemented_message(name, fn, exercises, err), pytrace=False)
         except AssertionError as err:
             pytest.fail(f"{name} is not right yet: {err}\nHint: read the docstring of "
                         f"{exercises.__name__}.{name} again.", pytrace=False)
@@ -168,6 +207,8 @@ def exercise_tests(exercises: ModuleType, solutions: ModuleType, cases: list[Exe
         assert stubs, f"{exercises.__name__} defines no exNN_ functions"
         assert stubs == refs, f"exercises.py and solutions.py differ: {stubs} vs {refs}"
         assert sorted(ids) == stubs, f"the tests check {sorted(ids)} but exercises.py has {stubs}"
+        numbers = [int(name[2:4]) for name in stubs]
+        assert numbers == list(range(1, len(stubs) + 1)), f"number the exercises ex01, ex02, ... without gaps: {stubs}"
         for name in stubs:
             a = inspect.signature(getattr(exercises, name))
             b = inspect.signature(getattr(solutions, name))

@@ -2,8 +2,9 @@
 import types
 
 import pytest
+import torch
 
-from tests.harness import Exercise, exercise_tests, is_untouched_stub
+from tests.harness import Exercise, TorchCalls, exercise_tests, is_untouched_stub, python_lines
 
 
 def _module(name, **functions):
@@ -62,6 +63,13 @@ def stub_with_message(x):
     raise NotImplementedError("fill me in")
 
 
+def raise_left_in(x):
+    """Return x squared."""
+    if x > 100:
+        return x * x
+    raise NotImplementedError
+
+
 def unfinished_helper(x):
     raise NotImplementedError("complex numbers are not supported on this backend")
 
@@ -103,6 +111,11 @@ def test_filled_in_answer_raising_not_implemented_fails():
     assert "complex numbers are not supported" in message, message
 
 
+def test_a_raise_left_in_filled_in_code_is_named():
+    status, message = outcome(_tests(raise_left_in).test_exercise, "ex01_square")
+    assert status == "failed" and "still raises NotImplementedError itself" in message, (status, message)
+
+
 def test_filled_in_answer_calling_a_stub_names_the_stub():
     exercises = _module("fake_exercises_2", ex01_square=ex01_square, ex02_cube=ex02_cube)
     solutions = _module("fake_solutions_2", ex01_square=right, ex02_cube=lambda x: x**3)
@@ -142,3 +155,44 @@ def test_unchecked_exercise_is_caught():
     tests = exercise_tests(exercises, solutions, [Exercise("ex01_square", check_square, wrong=[wrong])])
     with pytest.raises(AssertionError, match="ex02_cube"):
         tests.test_every_exercise_is_checked()
+
+
+def test_numbering_gaps_are_caught():
+    exercises = _module("e3", ex01_square=stub, ex03_cube=stub)
+    solutions = _module("s3", ex01_square=right, ex03_cube=right)
+    tests = exercise_tests(exercises, solutions, [Exercise("ex01_square", check_square, wrong=[wrong]),
+                                                  Exercise("ex03_cube", check_square, wrong=[wrong])])
+    with pytest.raises(AssertionError, match="without gaps"):
+        tests.test_every_exercise_is_checked()
+
+
+def test_torch_calls_forbids_and_counts():
+    with TorchCalls() as calls:
+        torch.ones(3).sum()
+    assert calls.count == 2  # torch.ones and Tensor.sum
+    with pytest.raises(AssertionError, match="do not call torch.softmax here: write it yourself"):
+        with TorchCalls(forbidden={torch.softmax: "write it yourself"}):
+            torch.softmax(torch.ones(3), dim=0)
+    only_dim_0 = {torch.softmax: lambda args, kwargs: kwargs.get("dim") == 0 and "not over dim 0"}
+    with TorchCalls(forbidden=only_dim_0):
+        torch.softmax(torch.ones(2, 3), dim=1)  # allowed
+    with pytest.raises(AssertionError, match="not over dim 0"):
+        with TorchCalls(forbidden=only_dim_0):
+            torch.softmax(torch.ones(2, 3), dim=0)
+
+
+def total_by_loop(values):
+    total = 0
+    for v in values:
+        total += v
+    return total
+
+
+def test_python_lines_grow_with_a_loop_only():
+    result, small = python_lines(total_by_loop, list(range(10)))
+    assert result == 45
+    _, big = python_lines(total_by_loop, list(range(100)))
+    assert big > 5 * small  # a loop: the lines run grow with the input
+    _, vectorised_small = python_lines(lambda t: t.sum(), torch.arange(10))
+    _, vectorised_big = python_lines(lambda t: t.sum(), torch.arange(1000))
+    assert vectorised_small == vectorised_big

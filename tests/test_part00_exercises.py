@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from part00_foundations import exercises, solutions
 from part01_transformer.model import GPT, GPTConfig
 from shared.data import load_text, train_val_split
-from tests.harness import Exercise, exercise_tests
+from tests.harness import Exercise, exercise_tests, python_lines
 
 
 def close(got, want, what, rel=1e-9):
@@ -284,6 +284,10 @@ def check_ex07(fn):
         assert torch.allclose(got.float(), want, atol=1e-5), (
             f"vocab_size={vocab_size}, smoothing={smoothing}: differs from counting pairs one by one; "
             f"largest difference {(got.float() - want).abs().max():.3g}")
+    lines = {n: python_lines(fn, torch.randint(5, (n,)), 5, 1.0)[1] for n in (100, 1000)}
+    assert lines[1000] <= 2 * lines[100] + 10, (
+        f"your function ran {lines[100]} Python lines for 100 tokens and {lines[1000]} for 1,000: a Python loop over "
+        "the data will take minutes on the 4.8 MB corpus; count with tensor operations")
 
 
 def ex07_wrong_transposed(data, vocab_size=256, smoothing=1.0):
@@ -292,6 +296,10 @@ def ex07_wrong_transposed(data, vocab_size=256, smoothing=1.0):
 
 def ex07_wrong_wraparound(data, vocab_size=256, smoothing=1.0):
     return solutions.ex07_bigram_log_probs(torch.cat([data, data[:1]]), vocab_size, smoothing)
+
+
+def ex07_wrong_python_loop(data, vocab_size=256, smoothing=1.0):  # right numbers, one Python step per pair
+    return counted_log_probs(data.tolist(), vocab_size, smoothing)
 
 
 def ex07_wrong_probs_not_logs(data, vocab_size=256, smoothing=1.0):
@@ -330,7 +338,7 @@ CASES = [
         ex06_wrong_per_byte_perplexity,
     ]),
     Exercise("ex07_bigram_log_probs", check_ex07, wrong=[
-        ex07_wrong_transposed, ex07_wrong_wraparound, ex07_wrong_probs_not_logs,
+        ex07_wrong_transposed, ex07_wrong_wraparound, ex07_wrong_probs_not_logs, ex07_wrong_python_loop,
         lambda data, vocab_size=256, smoothing=1.0: solutions.ex07_bigram_log_probs(data, vocab_size, 0.0),
     ]),
 ]

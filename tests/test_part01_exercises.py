@@ -56,7 +56,8 @@ def shift_with_i_not_2i(k, n_embd):
     M = torch.zeros(n_embd, n_embd)
     for i in range(n_embd // 2):
         a = k / 10000 ** (i / n_embd)
-        M[2 * i : 2 * i + 2, 2 * i : 2 * i + 2] = torch.tensor([[math.cos(a), math.sin(a)], [-math.sin(a), math.cos(a)]])
+        rotation = [[math.cos(a), math.sin(a)], [-math.sin(a), math.cos(a)]]
+        M[2 * i : 2 * i + 2, 2 * i : 2 * i + 2] = torch.tensor(rotation)
     return M
 
 

@@ -14,11 +14,20 @@ from part01_transformer.train import (TrainConfig, attention_maps, decode, encod
 from shared.config import parse_config
 from shared.metrics import read_metrics
 from tests.notebooks import run_notebook
-from tests.test_part01_exercises import assert_close, randn, sinusoid_by_formula
+from tests.test_part01_exercises import assert_close, randn
 
 CONFIG = GPTConfig(block_size=16, vocab_size=11, n_layer=2, n_head=4, n_embd=32)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
+
+def sinusoid_by_formula(block_size, n_embd):
+    """The paper's formula, one entry at a time in float64."""
+    table = torch.zeros(block_size, n_embd, dtype=torch.float64)
+    for pos in range(block_size):
+        for i in range(n_embd // 2):
+            table[pos, 2 * i] = math.sin(pos / 10000 ** (2 * i / n_embd))
+            table[pos, 2 * i + 1] = math.cos(pos / 10000 ** (2 * i / n_embd))
+    return table
 
 def randomized(module: nn.Module, seed: int = 0) -> nn.Module:
     """Give every parameter random values (default inits leave biases and norms trivial)."""

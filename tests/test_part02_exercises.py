@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 from part02_tiny_llm import exercises, solutions
 from shared.data import load_text, train_val_split
-from tests.harness import Exercise, TorchCalls, exercise_tests
+from tests.harness import Exercise, TorchCalls, exercise_tests, python_lines
 
 # --- ex01: UTF-8 by hand -----------------------------------------------------------------------
 
@@ -109,6 +109,13 @@ def check_ex03_top_p_mask(fn):
         want = [_reference_top_p(row, top_p) for row in probs]
         assert got.dtype == torch.bool, f"return a bool mask, got dtype {got.dtype}"
         assert got.tolist() == want, f"probs {probs}, top_p {top_p}: kept {got.tolist()}, expected {want}"
+    lines = {}
+    for n_rows in (4, 40):  # no Python loop over the rows: the lines run must not grow with them
+        probs = torch.softmax(3 * torch.randn(n_rows, 50, generator=torch.Generator().manual_seed(n_rows)), dim=-1)
+        got, lines[n_rows] = python_lines(fn, probs, 0.9)
+        assert got.tolist() == [_reference_top_p(row, 0.9) for row in probs.tolist()], f"{n_rows} random rows: wrong"
+    assert lines[40] <= 2 * lines[4] + 10, (f"your function ran {lines[4]} Python lines for 4 rows and {lines[40]} "
+                                            "for 40: a Python loop over the rows? Use tensor operations")
 
 
 def _top_p_excludes_crossing_token(probs, top_p):  # keeps only tokens whose cumulative mass is <= p
@@ -121,6 +128,10 @@ def _top_p_keeps_one_too_many_at_ties(probs, top_p):
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
     keep = sorted_probs.cumsum(-1) - sorted_probs <= top_p
     return keep.scatter(-1, order, keep)
+
+
+def _top_p_row_by_row(probs, top_p):  # right, but a Python loop over the rows and tokens
+    return torch.tensor([_reference_top_p(row, top_p) for row in probs.tolist()])
 
 
 def _top_p_unsorted(probs, top_p):  # cumulative mass in vocabulary order, not by likelihood
@@ -295,7 +306,7 @@ CASES = [
         _ce_variant(smoothing_over_others=True), _ce_variant(ignore_smoothing=True), _ce_variant(naive_log=True),
     ]),
     Exercise("ex03_top_p_mask", check_ex03_top_p_mask, wrong=[
-        _top_p_excludes_crossing_token, _top_p_keeps_one_too_many_at_ties, _top_p_unsorted]),
+        _top_p_excludes_crossing_token, _top_p_keeps_one_too_many_at_ties, _top_p_unsorted, _top_p_row_by_row]),
     Exercise("ex04_sample_without_multinomial", check_ex04_sample_without_multinomial, wrong=[
         _sampler_variant(noise="none"), _sampler_variant(noise="uniform"), _sampler_variant(noise="exponential_times"),
         _sampler_variant(temperature_on="multiply"), _sampler_variant(use_top_k=False),

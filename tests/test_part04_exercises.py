@@ -2,7 +2,6 @@
 import functools
 import io
 import math
-import random
 import warnings
 
 import regex
@@ -135,8 +134,8 @@ def _tiktoken_for(merges) -> tiktoken.Encoding:
     vocab = [bytes([b]) for b in range(256)]
     for a, b in merges:
         vocab.append(vocab[a] + vocab[b])
-    return tiktoken.Encoding("exercise", pat_str=GPT4_SPLIT_PATTERN, mergeable_ranks={t: i for i, t in enumerate(vocab)},
-                             special_tokens={})
+    ranks = {token: i for i, token in enumerate(vocab)}
+    return tiktoken.Encoding("exercise", pat_str=GPT4_SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens={})
 
 
 @functools.cache
@@ -190,7 +189,8 @@ def _encode_without_chunks(text, merges):  # tiktoken's rule on the whole text a
     rank = {t: i for i, t in enumerate(vocab)}
     parts = [bytes([b]) for b in text.encode("utf-8")]
     while True:
-        candidates = [(rank[parts[i] + parts[i + 1]], i) for i in range(len(parts) - 1) if parts[i] + parts[i + 1] in rank]
+        candidates = [(rank[parts[i] + parts[i + 1]], i) for i in range(len(parts) - 1)
+                      if parts[i] + parts[i + 1] in rank]
         if not candidates:
             return [rank[part] for part in parts]
         _, i = min(candidates)
