@@ -68,20 +68,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     return weights @ v, weights  # a weighted average of the values
 
 
-class Head(nn.Module):
-    """One head of causal self-attention: project to queries, keys and values, then attend."""
-
-    def __init__(self, n_embd: int, head_size: int, bias: bool = True):
-        super().__init__()
-        self.query = nn.Linear(n_embd, head_size, bias=bias)
-        self.key = nn.Linear(n_embd, head_size, bias=bias)
-        self.value = nn.Linear(n_embd, head_size, bias=bias)
-
-    def forward(self, x):  # x: (B, T, n_embd) -> (B, T, head_size)
-        out, _ = attention(self.query(x), self.key(x), self.value(x))
-        return out
-
-
 class MultiHeadAttention(nn.Module):
     """n_head heads side by side, computed as one batch.
 
@@ -104,9 +90,9 @@ class MultiHeadAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        # The same math as `attention` above, as one fused kernel: it never stores the (T, T) weights
-        # (so there are no attn_weights to keep for heatmaps any more), which saves memory traffic
-        # and time; on a GPU it is FlashAttention (Dao et al. 2022, https://arxiv.org/abs/2205.14135).
+        # NEW in part 2 (Dao et al. 2022, https://arxiv.org/abs/2205.14135): the same math as `attention` above, as
+        # one fused kernel: it never stores the (T, T) weights (so there are no attn_weights to keep for
+        # heatmaps any more), which saves memory traffic and time; on a GPU it is FlashAttention.
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # concatenate the heads again
         return self.dropout(self.proj(y))
@@ -168,6 +154,7 @@ class Block(nn.Module):
 # --- Sampling ---------------------------------------------------------------------------------
 
 
+# NEW in part 2 (Holtzman et al. 2019, https://arxiv.org/abs/1904.09751)
 def sample_next_token(logits, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):
     """Pick one next token per row of logits (B, vocab_size) -> (B, 1).
 
@@ -176,12 +163,19 @@ def sample_next_token(logits, temperature: float = 1.0, top_k: int | None = None
     top_p: nucleus sampling (Holtzman et al. 2019): keep the smallest set of most likely tokens whose
         probability mass reaches top_p, so the cut adapts to how sure the model is.
     The kept tokens' probabilities are renormalised (softmax over the surviving logits) and sampled.
+    The most likely token always survives: top_k = 0 or 1, or top_p = 0, is greedy decoding.
     """
+    if not temperature >= 0:  # (also refuses NaN)
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (or None: no top-k filter), got {top_k}")
+    if top_p is not None and not 0 <= top_p <= 1:
+        raise ValueError(f"top_p must be between 0 and 1 (or None: no top-p filter), got {top_p}")
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature
     if top_k is not None:
-        kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
+        kth_best = torch.topk(logits, max(1, min(top_k, logits.size(-1)))).values[:, [-1]]  # (B, 1)
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
     if top_p is not None:
         sorted_probs, order = torch.sort(F.softmax(logits, dim=-1), dim=-1, descending=True)
@@ -189,6 +183,7 @@ def sample_next_token(logits, temperature: float = 1.0, top_k: int | None = None
         # Drop a token when the tokens above it already reach top_p; the token that crosses p stays.
         # (The 1e-6 lets float rounding not decide exact ties such as 0.5 + 0.3 vs top_p = 0.8.)
         drop_sorted = mass_before >= top_p - 1e-6
+        drop_sorted[:, 0] = False  # the most likely token stays, even for top_p = 0 (else: nothing left, NaN)
         drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
         logits = logits.masked_fill(drop, float("-inf"))
     probs = F.softmax(logits, dim=-1)
@@ -232,6 +227,7 @@ class GPT(nn.Module):
         """Parameter count; the tied lm_head weight is counted once."""
         return sum(p.numel() for p in self.parameters())
 
+    # NEW in part 2 (Loshchilov & Hutter 2017, https://arxiv.org/abs/1711.05101)
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas: tuple[float, float]):
         """AdamW with decoupled weight decay (Loshchilov & Hutter 2017) on two parameter groups.
 

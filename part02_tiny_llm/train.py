@@ -67,8 +67,10 @@ class TrainConfig:
     num_samples: int = field(default=1, metadata={"min": 1})
     max_new_tokens: int = field(default=500, metadata={"min": 0})
     temperature: float = field(default=0.8, metadata={"help": "0 = greedy", "min": 0})
-    top_k: int | None = field(default=None, metadata={"help": "keep the k likeliest tokens; none = off", "min": 0})
-    top_p: float | None = field(default=0.95, metadata={"help": "nucleus sampling; none = off", "min": 0, "max": 1})
+    top_k: int | None = field(default=None, metadata={"help": "keep the k likeliest tokens (1 = greedy); none = off",
+                                                      "min": 1})
+    top_p: float | None = field(default=0.95, metadata={"help": "nucleus sampling, a probability mass in (0, 1]; "
+                                                                "none = off", "min": 0, "max": 1})
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -76,6 +78,8 @@ def check_config(cfg: TrainConfig) -> None:
     check_bounds(cfg)
     if not cfg.start:
         raise ValueError("--start is empty; the samples need a prompt of at least one character, e.g. a newline")
+    if cfg.top_p is not None and cfg.top_p <= 0:
+        raise ValueError(f"--top_p must be in (0, 1], got {cfg.top_p}; --top_p none turns nucleus sampling off")
     if cfg.n_embd % cfg.n_head:
         raise ValueError(f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
 

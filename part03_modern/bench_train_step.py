@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root: `shared` and the chapters import from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root: the chapters import from anywhere
 
 import torch
 from torch.profiler import ProfilerActivity, profile

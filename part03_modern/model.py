@@ -53,7 +53,7 @@ class GPTConfig:
 # limits the length.
 
 
-# NEW (Su et al. 2021, https://arxiv.org/abs/2104.09864)
+# NEW in part 3 (Su et al. 2021, https://arxiv.org/abs/2104.09864)
 def rope_angles(positions: torch.Tensor, head_size: int, theta: float = 10000.0):
     """cos and sin of the rotation angles, each (T, head_size // 2), for integer positions (T,).
 
@@ -77,8 +77,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def apply_rope_complex(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """apply_rope as one complex multiply, RoFormer's own formulation (and Llama's code): the pair
-    a + ib times the unit complex number cos + i sin. One kernel forward and one backward where apply_rope
-    takes a dozen (on a CPU they cost more than the attention itself)."""
+    a + ib times the unit complex number cos + i sin. One kernel forward and one backward, where apply_rope
+    takes about ten (slicing, four multiplies, stacking), each a pass over q or k."""
     if torch.compiler.is_compiling():  # torch.compile has no complex numbers; it fuses apply_rope into one kernel
         return apply_rope(x, cos, sin)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (..., T, head_size // 2): a + ib
@@ -88,7 +88,8 @@ def apply_rope_complex(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
 # --- Attention -------------------------------------------------------------------------------
 
 
-# NEW (Beltagy et al. 2020, https://arxiv.org/abs/2004.05150; Xiao et al. 2023, https://arxiv.org/abs/2309.17453)
+# NEW in part 3: sliding windows (Beltagy et al. 2020, https://arxiv.org/abs/2004.05150) and attention sinks
+# (Xiao et al. 2023, https://arxiv.org/abs/2309.17453)
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None = None, n_sink: int = 0):
     """(Tq, Tk) bool: True where the query at position q_pos[i] may attend the key at k_pos[j].
 
@@ -116,7 +117,8 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
         self.n_head = config.n_head
-        self.n_kv_head = config.n_kv_head or config.n_head  # NEW (Ainslie et al. 2023, https://arxiv.org/abs/2305.13245)
+        # NEW in part 3 (Ainslie et al. 2023, https://arxiv.org/abs/2305.13245): grouped-query attention
+        self.n_kv_head = config.n_kv_head or config.n_head
         assert self.n_head % self.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
         self.head_size = config.n_embd // config.n_head
         self.reference_ops = config.reference_ops
@@ -137,7 +139,8 @@ class MultiHeadAttention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)
         rope = apply_rope if self.reference_ops else apply_rope_complex  # the same rotation either way
         q, k = rope(q, cos, sin), rope(k, cos, sin)  # positions enter here, and only here
-        if kv_cache is not None:  # NEW: generating: store the new keys and values, attend over all the cached ones
+        # NEW in part 3: the KV cache (below). Store the new keys and values, attend over all the cached ones
+        if kv_cache is not None:
             k, v, k_pos = kv_cache.update(k, v, pos)
             mask = attention_mask(pos, k_pos, kv_cache.window, kv_cache.n_sink)  # the cache's positions decide
         if self.reference_ops:  # each key/value head serves n_head // n_kv_head query heads: repeat it for them
@@ -159,7 +162,7 @@ class MultiHeadAttention(nn.Module):
 # keys. Same outputs, a fraction of the work. Step 1 is the plain cache; step 2 keeps its memory constant.
 
 
-# NEW: step 1, the plain KV cache: it grows by one entry per token
+# NEW in part 3: step 1, the plain KV cache: it grows by one entry per token
 class GrowingKVCache:
     """One layer's keys and values (B, n_kv_head, S, head_size) of all S tokens so far, and their positions.
 
@@ -187,7 +190,7 @@ class GrowingKVCache:
         return 0 if self.k is None else self.k.nbytes + self.v.nbytes
 
 
-# NEW (Jiang et al. 2023, https://arxiv.org/abs/2310.06825): step 2, the rolling buffer, with sinks
+# NEW in part 3 (Jiang et al. 2023, https://arxiv.org/abs/2310.06825): step 2, the rolling buffer, with sinks
 class KVCache:
     """The KV cache in constant memory. With a window, a token never attends further back than `window`
     positions (plus the n_sink sinks), so older keys and values can go: Mistral's rolling buffer.
@@ -217,18 +220,21 @@ class KVCache:
         (B, n_kv_head, capacity + T, head_size) and their positions (capacity + T,). We attend first and
         evict after, so a long prompt's early tokens still see their neighbours.
         """
-        if self.window is None and pos[-1] >= self.capacity:
+        T = pos.numel()
+        if self.window is None and self.seen + T > self.capacity:
             raise ValueError(f"the cache holds {self.capacity} positions and has no window to forget old ones")
         keys, values = torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2)
         key_pos = torch.cat((self.slot_pos, pos))
+        # Evict: each new position p takes its slot, overwriting the oldest. Of a long prompt only the sinks and
+        # the newest `ring` positions are left to store; the others would be overwritten within the prompt.
         ring = self.capacity - self.n_sink
-        is_sink = pos < self.n_sink
-        keep = is_sink | (pos > pos[-1] - ring)  # of the new positions, only the newest `ring` survive
-        slots = torch.where(is_sink, pos, self.n_sink + (pos - self.n_sink) % ring)[keep]
-        self.k[:, :, slots] = k[:, :, keep].to(self.k.dtype)
-        self.v[:, :, slots] = v[:, :, keep].to(self.v.dtype)
-        self.slot_pos[slots] = pos[keep]
-        self.seen += pos.numel()
+        for i, p in enumerate(range(self.seen, self.seen + T)):
+            if p < self.n_sink:
+                self.k[:, :, p], self.v[:, :, p], self.slot_pos[p] = k[:, :, i], v[:, :, i], p
+            elif p >= self.seen + T - ring:
+                slot = self.n_sink + (p - self.n_sink) % ring
+                self.k[:, :, slot], self.v[:, :, slot], self.slot_pos[slot] = k[:, :, i], v[:, :, i], p
+        self.seen += T
         return keys, values, key_pos
 
     def nbytes(self) -> int:
@@ -245,7 +251,7 @@ def swiglu_hidden_size(n_embd: int, multiple_of: int = 16) -> int:
     return multiple_of * max(1, round(8 * n_embd / 3 / multiple_of))
 
 
-# NEW (Shazeer 2020, https://arxiv.org/abs/2002.05202)
+# NEW in part 3 (Shazeer 2020, https://arxiv.org/abs/2002.05202)
 class MLP(nn.Module):
     """SwiGLU feed-forward (Shazeer 2020): proj(silu(gate(x)) * up(x)).
 
@@ -266,7 +272,7 @@ class MLP(nn.Module):
         return self.dropout(self.proj(F.silu(self.gate(x)) * self.up(x)))
 
 
-# NEW (Zhang & Sennrich 2019, https://arxiv.org/abs/1910.07467)
+# NEW in part 3 (Zhang & Sennrich 2019, https://arxiv.org/abs/1910.07467)
 class RMSNorm(nn.Module):
     """RMSNorm (Zhang & Sennrich 2019): divide each token's channels by their root mean square, then
     scale. LayerNorm also subtracts the mean and adds a bias; RMSNorm drops both, is cheaper, and
@@ -331,6 +337,7 @@ class Block(nn.Module):
 # --- Sampling ---------------------------------------------------------------------------------
 
 
+# NEW in part 2 (Holtzman et al. 2019, https://arxiv.org/abs/1904.09751)
 def sample_next_token(logits, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):
     """Pick one next token per row of logits (B, vocab_size) -> (B, 1).
 
@@ -403,6 +410,7 @@ class GPT(nn.Module):
         """Parameter count; the tied lm_head weight is counted once."""
         return sum(p.numel() for p in self.parameters())
 
+    # NEW in part 2 (Loshchilov & Hutter 2017, https://arxiv.org/abs/1711.05101)
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas: tuple[float, float]):
         """AdamW with decoupled weight decay (Loshchilov & Hutter 2017) on two parameter groups.
 
@@ -425,8 +433,8 @@ class GPT(nn.Module):
         """idx (B, T) -> logits (B, T, vocab_size) and the loss if targets are given.
 
         With kv_cache (a cache per layer, see new_kv_cache), idx holds only the tokens that follow
-        the cached ones: positions continue where the cache stopped. There is no length limit: RoPE
-        needs no table, so T may exceed block_size (the model just never trained that far).
+        the cached ones: positions continue where the cache stopped. There is no length limit: RoPE's
+        angles exist for every position, so T may exceed block_size (the model just never trained that far).
         """
         B, T = idx.size()
         cfg = self.config
@@ -436,9 +444,11 @@ class GPT(nn.Module):
             cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         else:  # beyond the precomputed positions (a long generation): compute the angles
             cos, sin = rope_angles(pos, cfg.n_embd // cfg.n_head, cfg.rope_theta)
-        # which keys each query may see, built once for all layers; None: plain causal (with a cache, each
-        # layer's cache decides)
-        mask = None if cfg.window_size is None else attention_mask(pos, pos, cfg.window_size, cfg.n_sink)
+        # which keys each query may see, built once for all layers; None: plain causal. (With a cache, the
+        # cache's positions decide, in each layer.)
+        mask = None
+        if kv_cache is None and cfg.window_size is not None:
+            mask = attention_mask(pos, pos, cfg.window_size, cfg.n_sink)
         x = self.drop(self.wte(idx))  # (B, T, n_embd): no position embedding added
         for i, block in enumerate(self.blocks):
             x = block(x, pos, cos, sin, None if kv_cache is None else kv_cache[i], mask=mask)

@@ -46,6 +46,8 @@ class TrainConfig:
     window_size: int | None = field(default=None, metadata={"help": "sliding-window attention; none = full", "min": 1})
     n_sink: int = field(default=0, metadata={"help": "attention sinks kept visible with a window", "min": 0})
     norm: str = field(default="rmsnorm", metadata={"choices": ["rmsnorm", "layernorm"]})
+    reference_ops: bool = field(default=False, metadata={"help": "the written-out RMSNorm, RoPE and GQA of the lesson "
+                                                                 "instead of PyTorch's fused ops (same numbers, slower)"})
     # the optimisation
     batch_size: int = field(default=12, metadata={"min": 1})
     learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate (at the start)", "min": 0})
@@ -72,8 +74,10 @@ class TrainConfig:
     num_samples: int = field(default=1, metadata={"min": 1})
     max_new_tokens: int = field(default=500, metadata={"min": 0})
     temperature: float = field(default=0.8, metadata={"help": "0 = greedy", "min": 0})
-    top_k: int | None = field(default=None, metadata={"help": "keep the k likeliest tokens; none = off", "min": 0})
-    top_p: float | None = field(default=0.95, metadata={"help": "nucleus sampling; none = off", "min": 0, "max": 1})
+    top_k: int | None = field(default=None, metadata={"help": "keep the k likeliest tokens (1 = greedy); none = off",
+                                                      "min": 1})
+    top_p: float | None = field(default=0.95, metadata={"help": "nucleus sampling, a probability mass in (0, 1]; "
+                                                                "none = off", "min": 0, "max": 1})
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -81,6 +85,8 @@ def check_config(cfg: TrainConfig) -> None:
     check_bounds(cfg)
     if not cfg.start:
         raise ValueError("--start is empty; the samples need a prompt of at least one character, e.g. a newline")
+    if cfg.top_p is not None and cfg.top_p <= 0:
+        raise ValueError(f"--top_p must be in (0, 1], got {cfg.top_p}; --top_p none turns nucleus sampling off")
     if cfg.n_embd % cfg.n_head:
         raise ValueError(f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
     if (cfg.n_embd // cfg.n_head) % 2:
@@ -168,7 +174,7 @@ def train(cfg: TrainConfig):
     model_config = GPTConfig(block_size=cfg.block_size, vocab_size=VOCAB_SIZE, n_layer=cfg.n_layer,
                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias,
                              n_kv_head=cfg.n_kv_head, rope_theta=cfg.rope_theta, window_size=cfg.window_size,
-                             n_sink=cfg.n_sink, norm=cfg.norm)
+                             n_sink=cfg.n_sink, norm=cfg.norm, reference_ops=cfg.reference_ops)
     model = GPT(model_config).to(device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2))
     # The compiled model shares its weights with `model`; we train and evaluate with it and keep the

@@ -7,10 +7,14 @@ The architecture, as part 3 built it from part 2's GPT:
 - the MLP becomes SwiGLU (Shazeer 2020, https://arxiv.org/abs/2002.05202);
 - grouped-query attention: n_kv_head <= n_head key/value heads shared by groups of query heads
   (Ainslie et al. 2023, https://arxiv.org/abs/2305.13245); n_kv_head = 1 is multi-query attention;
-- a KV cache for generation: each new token computes only its own keys and values;
 - sliding-window attention with attention sinks (Beltagy et al. 2020, https://arxiv.org/abs/2004.05150;
-  Xiao et al. 2023, StreamingLLM, https://arxiv.org/abs/2309.17453) and Mistral's rolling-buffer cache
-  (Jiang et al. 2023, https://arxiv.org/abs/2310.06825), so generation runs in constant memory.
+  Xiao et al. 2023, StreamingLLM, https://arxiv.org/abs/2309.17453);
+- a KV cache for generation: each new token computes only its own keys and values. First the plain
+  cache that grows with the text, then Mistral's rolling buffer (Jiang et al. 2023,
+  https://arxiv.org/abs/2310.06825), so generation runs in constant memory.
+Each piece is written out once, readably; the model that trains runs PyTorch's fused versions of the same
+math (F.rms_norm, SDPA's enable_gqa, RoPE as one complex multiply). GPTConfig(reference_ops=True) runs
+the written-out versions instead: the same outputs (the tests check it), more time.
 
 Paper: Vaswani et al. 2017, "Attention Is All You Need" (https://arxiv.org/abs/1706.03762); the layout
 follows Llama (Touvron et al. 2023, https://arxiv.org/abs/2302.13971) and Mistral 7B.
@@ -37,6 +41,7 @@ class GPTConfig:
     window_size: int | None = None  # sliding-window attention: each token sees its last window_size tokens
     n_sink: int = 0  # attention sinks: with a window, the first n_sink tokens stay visible forever
     norm: str = "rmsnorm"  # "rmsnorm" (Llama) or "layernorm" (GPT-2), kept to compare the two
+    reference_ops: bool = False  # True: the written-out RMSNorm, RoPE and GQA instead of the fused ops (same outputs)
 
 
 # --- Positional embeddings: RoPE --------------------------------------------------------------
@@ -48,6 +53,7 @@ class GPTConfig:
 # limits the length.
 
 
+# NEW in part 3 (Su et al. 2021, https://arxiv.org/abs/2104.09864)
 def rope_angles(positions: torch.Tensor, head_size: int, theta: float = 10000.0):
     """cos and sin of the rotation angles, each (T, head_size // 2), for integer positions (T,).
 
@@ -69,9 +75,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.flatten(-2).type_as(x)  # interleave the pairs back: (..., T, head_size)
 
 
+def apply_rope_complex(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """apply_rope as one complex multiply, RoFormer's own formulation (and Llama's code): the pair
+    a + ib times the unit complex number cos + i sin. One kernel forward and one backward, where apply_rope
+    takes about ten (slicing, four multiplies, stacking), each a pass over q or k."""
+    if torch.compiler.is_compiling():  # torch.compile has no complex numbers; it fuses apply_rope into one kernel
+        return apply_rope(x, cos, sin)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (..., T, head_size // 2): a + ib
+    return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2).type_as(x)
+
+
 # --- Attention -------------------------------------------------------------------------------
 
 
+# NEW in part 3: sliding windows (Beltagy et al. 2020, https://arxiv.org/abs/2004.05150) and attention sinks
+# (Xiao et al. 2023, https://arxiv.org/abs/2309.17453)
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None = None, n_sink: int = 0):
     """(Tq, Tk) bool: True where the query at position q_pos[i] may attend the key at k_pos[j].
 
@@ -87,16 +105,100 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None 
     return allowed
 
 
+class MultiHeadAttention(nn.Module):
+    """Causal self-attention with rotary positions and grouped-query heads.
+
+    n_head query heads share n_kv_head key/value heads, n_head // n_kv_head queries per group: fewer
+    keys and values to compute and, above all, to keep in the KV cache (the cache is what fills a GPU
+    during long generation). n_kv_head = n_head is ordinary multi-head attention, 1 is multi-query.
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        self.n_head = config.n_head
+        # NEW in part 3 (Ainslie et al. 2023, https://arxiv.org/abs/2305.13245): grouped-query attention
+        self.n_kv_head = config.n_kv_head or config.n_head
+        assert self.n_head % self.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
+        self.head_size = config.n_embd // config.n_head
+        self.reference_ops = config.reference_ops
+        # one Linear makes q for n_head heads and k, v for n_kv_head heads
+        self.qkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_size, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, pos, cos, sin, kv_cache=None, mask=None):
+        """x (B, T, C) at positions pos (T,); cos, sin: their RoPE angles. mask (T, T) bool: which keys each
+        query may see; None = causal. kv_cache: one layer's cache (below) when generating."""
+        B, T, C = x.size()
+        q, k, v = self.qkv(x).split([self.n_head * self.head_size, self.n_kv_head * self.head_size,
+                                     self.n_kv_head * self.head_size], dim=2)
+        # split channels into heads: (B, T, heads * head_size) -> (B, heads, T, head_size)
+        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)
+        rope = apply_rope if self.reference_ops else apply_rope_complex  # the same rotation either way
+        q, k = rope(q, cos, sin), rope(k, cos, sin)  # positions enter here, and only here
+        # NEW in part 3: the KV cache (below). Store the new keys and values, attend over all the cached ones
+        if kv_cache is not None:
+            k, v, k_pos = kv_cache.update(k, v, pos)
+            mask = attention_mask(pos, k_pos, kv_cache.window, kv_cache.n_sink)  # the cache's positions decide
+        if self.reference_ops:  # each key/value head serves n_head // n_kv_head query heads: repeat it for them
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        # The same math as part 1's `attention`, as one fused kernel: it never stores the (T, T) weights, which
+        # saves memory traffic and time; on a GPU it is FlashAttention (Dao et al. 2022,
+        # https://arxiv.org/abs/2205.14135). enable_gqa: each group of query heads reads its key/value head in
+        # place, without the copies above. mask None: plain causal, built inside without materialising (T, T).
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # concatenate the heads again
+        return self.dropout(self.proj(y))
+
+
+# --- The KV cache -------------------------------------------------------------------------------
+# Generating, the model runs once per new token. Without a cache each run recomputes the keys and values
+# of the whole context, although those of the old tokens never change (a token only attends backwards).
+# A KV cache keeps them: each step computes q, k, v of the new token only and attends over the stored
+# keys. Same outputs, a fraction of the work. Step 1 is the plain cache; step 2 keeps its memory constant.
+
+
+# NEW in part 3: step 1, the plain KV cache: it grows by one entry per token
+class GrowingKVCache:
+    """One layer's keys and values (B, n_kv_head, S, head_size) of all S tokens so far, and their positions.
+
+    window, n_sink: the attention pattern the model generates with (attention_mask); the cache keeps
+    everything, the mask hides what the window does not see.
+    """
+
+    def __init__(self, window: int | None = None, n_sink: int = 0):
+        self.k = self.v = self.pos = None
+        self.window, self.n_sink = window, n_sink
+        self.seen = 0  # tokens processed so far: the position of the next one
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
+        """Append the keys and values (B, n_kv_head, T, head_size) of the new positions pos (T,); return
+        everything stored: what the new queries attend over."""
+        if self.k is None:
+            self.k, self.v, self.pos = k, v, pos
+        else:
+            self.k, self.v = torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2)
+            self.pos = torch.cat((self.pos, pos))
+        self.seen += pos.numel()
+        return self.k, self.v, self.pos
+
+    def nbytes(self) -> int:
+        return 0 if self.k is None else self.k.nbytes + self.v.nbytes
+
+
+# NEW in part 3 (Jiang et al. 2023, https://arxiv.org/abs/2310.06825): step 2, the rolling buffer, with sinks
 class KVCache:
-    """One layer's keys and values of the tokens seen so far, so generating a token computes only
-    that token's q, k, v instead of re-running the whole context.
+    """The KV cache in constant memory. With a window, a token never attends further back than `window`
+    positions (plus the n_sink sinks), so older keys and values can go: Mistral's rolling buffer.
 
     The storage is a fixed buffer of `capacity` slots. The first n_sink positions keep their slots
     forever; every later position p goes to slot n_sink + (p - n_sink) % (capacity - n_sink), so once
-    the ring is full the newest token overwrites the oldest: Mistral's rolling buffer. With
-    capacity >= n_sink + window, every key the window may still see is in the buffer, and memory
-    stays constant however long we generate. A capacity as large as the whole text is the plain,
-    growing-with-length cache.
+    the ring is full the newest token overwrites the oldest. With capacity >= n_sink + window, every key
+    the window may still see is in the buffer, and memory stays constant however long we generate.
     """
 
     EMPTY = torch.iinfo(torch.long).max  # the "position" of an unused slot: after every query, never seen
@@ -112,83 +214,31 @@ class KVCache:
         self.seen = 0  # tokens processed so far: the position of the next one
 
     def update(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor):
-        """Store the keys and values (B, n_kv_head, T, head_size) of new positions pos (T,).
+        """Store the keys and values (B, n_kv_head, T, head_size) of the new positions pos (T,).
 
-        Returns what the new queries attend over: keys, values (B, n_kv_head, S, head_size) and their
-        positions (S,). For a chunk of several tokens (the prompt) that is the buffer before this update
-        plus the chunk, S = capacity + T: we attend first and evict after, so a long prompt's early tokens
-        still see their neighbours. For one token it is the buffer itself, S = capacity.
+        Returns what the new queries attend over: the buffer as it was plus the new entries, keys and values
+        (B, n_kv_head, capacity + T, head_size) and their positions (capacity + T,). We attend first and
+        evict after, so a long prompt's early tokens still see their neighbours.
         """
-        if self.window is None and pos[-1] >= self.capacity:
+        T = pos.numel()
+        if self.window is None and self.seen + T > self.capacity:
             raise ValueError(f"the cache holds {self.capacity} positions and has no window to forget old ones")
-        ring = self.capacity - self.n_sink
-        if pos.numel() == 1:  # decoding one token: store it first, then attend over the buffer as it is.
-            # The slot it overwrites held the token that just left the window, which the mask hides anyway;
-            # this saves copying the whole buffer every step (plain Python ints: no tensor ops for the slot).
-            p = self.seen
-            slot = p if p < self.n_sink else self.n_sink + (p - self.n_sink) % ring
-            self.k[:, :, slot], self.v[:, :, slot], self.slot_pos[slot] = k[:, :, 0], v[:, :, 0], p
-            self.seen += 1
-            return self.k, self.v, self.slot_pos
         keys, values = torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2)
         key_pos = torch.cat((self.slot_pos, pos))
-        is_sink = pos < self.n_sink
-        keep = is_sink | (pos > pos[-1] - ring)  # of this chunk, only the newest `ring` positions survive
-        slots = torch.where(is_sink, pos, self.n_sink + (pos - self.n_sink) % ring)[keep]
-        self.k[:, :, slots] = k[:, :, keep].to(self.k.dtype)
-        self.v[:, :, slots] = v[:, :, keep].to(self.v.dtype)
-        self.slot_pos[slots] = pos[keep]
-        self.seen += pos.numel()
+        # Evict: each new position p takes its slot, overwriting the oldest. Of a long prompt only the sinks and
+        # the newest `ring` positions are left to store; the others would be overwritten within the prompt.
+        ring = self.capacity - self.n_sink
+        for i, p in enumerate(range(self.seen, self.seen + T)):
+            if p < self.n_sink:
+                self.k[:, :, p], self.v[:, :, p], self.slot_pos[p] = k[:, :, i], v[:, :, i], p
+            elif p >= self.seen + T - ring:
+                slot = self.n_sink + (p - self.n_sink) % ring
+                self.k[:, :, slot], self.v[:, :, slot], self.slot_pos[slot] = k[:, :, i], v[:, :, i], p
+        self.seen += T
         return keys, values, key_pos
 
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
-
-
-class MultiHeadAttention(nn.Module):
-    """Causal self-attention with rotary positions and grouped-query heads.
-
-    n_head query heads share n_kv_head key/value heads, n_head // n_kv_head queries per group: fewer
-    keys and values to compute and, above all, to keep in the KV cache (the cache is what fills a GPU
-    during long generation). n_kv_head = n_head is ordinary multi-head attention, 1 is multi-query.
-    """
-
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.n_head = config.n_head
-        self.n_kv_head = config.n_kv_head or config.n_head
-        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
-        assert self.n_head % self.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
-        self.head_size = config.n_embd // config.n_head
-        self.window_size, self.n_sink = config.window_size, config.n_sink
-        # one Linear makes q for n_head heads and k, v for n_kv_head heads
-        self.qkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_size, bias=config.bias)
-        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x, pos, cos, sin, kv_cache: KVCache | None = None):
-        B, T, C = x.size()
-        q, k, v = self.qkv(x).split([self.n_head * self.head_size, self.n_kv_head * self.head_size,
-                                     self.n_kv_head * self.head_size], dim=2)
-        # split channels into heads: (B, T, heads * head_size) -> (B, heads, T, head_size)
-        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # positions enter here, and only here
-        if kv_cache is not None:  # attend over the cached keys too; the cache knows its own window
-            k, v, k_pos = kv_cache.update(k, v, pos)
-            mask = attention_mask(pos, k_pos, kv_cache.window, kv_cache.n_sink)
-        elif self.window_size is not None:
-            mask = attention_mask(pos, pos, self.window_size, self.n_sink)
-        else:
-            mask = None  # plain causal: SDPA's is_causal builds it without materialising (T, T)
-        # each key/value head serves n_head // n_kv_head query heads: repeat it for them
-        # (F.scaled_dot_product_attention(..., enable_gqa=True) does the same without the copy)
-        k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # concatenate the heads again
-        return self.dropout(self.proj(y))
 
 
 # --- Feed-forward, normalization, the block --------------------------------------------------
@@ -201,6 +251,7 @@ def swiglu_hidden_size(n_embd: int, multiple_of: int = 16) -> int:
     return multiple_of * max(1, round(8 * n_embd / 3 / multiple_of))
 
 
+# NEW in part 3 (Shazeer 2020, https://arxiv.org/abs/2002.05202)
 class MLP(nn.Module):
     """SwiGLU feed-forward (Shazeer 2020): proj(silu(gate(x)) * up(x)).
 
@@ -221,20 +272,25 @@ class MLP(nn.Module):
         return self.dropout(self.proj(F.silu(self.gate(x)) * self.up(x)))
 
 
+# NEW in part 3 (Zhang & Sennrich 2019, https://arxiv.org/abs/1910.07467)
 class RMSNorm(nn.Module):
     """RMSNorm (Zhang & Sennrich 2019): divide each token's channels by their root mean square, then
     scale. LayerNorm also subtracts the mean and adds a bias; RMSNorm drops both, is cheaper, and
     trains as well. Equals torch.nn.RMSNorm."""
 
-    def __init__(self, ndim: int, eps: float = 1e-6):
+    def __init__(self, ndim: int, eps: float = 1e-6, reference_ops: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(ndim))
         self.eps = eps
+        self.reference_ops = reference_ops
 
     def forward(self, x):
-        x32 = x.float()  # the mean of squares in float32, also under bf16 autocast
-        rms = torch.sqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)  # (B, T, 1)
-        return (x32 / rms).type_as(x) * self.weight
+        if self.reference_ops:  # the formula, written out
+            x32 = x.float()  # the mean of squares in float32, also under bf16 autocast
+            rms = torch.sqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)  # (B, T, 1)
+            return (x32 / rms).type_as(x) * self.weight
+        # the same in one fused op (fewer passes over memory), which also computes in float32
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 class LayerNorm(nn.Module):
@@ -247,12 +303,15 @@ class LayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
+        # one kernel instead of six elementwise passes (mean, var, subtract, divide, scale, shift)
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
 def make_norm(config: GPTConfig) -> nn.Module:
     assert config.norm in ("rmsnorm", "layernorm"), config.norm
-    return RMSNorm(config.n_embd) if config.norm == "rmsnorm" else LayerNorm(config.n_embd, bias=config.bias)
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, reference_ops=config.reference_ops)
+    return LayerNorm(config.n_embd, bias=config.bias)
 
 
 class Block(nn.Module):
@@ -269,8 +328,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, pos, cos, sin, kv_cache: KVCache | None = None):
-        x = x + self.attn(self.ln_1(x), pos, cos, sin, kv_cache)
+    def forward(self, x, pos, cos, sin, kv_cache=None, mask=None):
+        x = x + self.attn(self.ln_1(x), pos, cos, sin, kv_cache, mask=mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -278,6 +337,7 @@ class Block(nn.Module):
 # --- Sampling ---------------------------------------------------------------------------------
 
 
+# NEW in part 2 (Holtzman et al. 2019, https://arxiv.org/abs/1904.09751)
 def sample_next_token(logits, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):
     """Pick one next token per row of logits (B, vocab_size) -> (B, 1).
 
@@ -286,12 +346,19 @@ def sample_next_token(logits, temperature: float = 1.0, top_k: int | None = None
     top_p: nucleus sampling (Holtzman et al. 2019): keep the smallest set of most likely tokens whose
         probability mass reaches top_p, so the cut adapts to how sure the model is.
     The kept tokens' probabilities are renormalised (softmax over the surviving logits) and sampled.
+    The most likely token always survives: top_k = 0 or 1, or top_p = 0, is greedy decoding.
     """
+    if not temperature >= 0:  # (also refuses NaN)
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (or None: no top-k filter), got {top_k}")
+    if top_p is not None and not 0 <= top_p <= 1:
+        raise ValueError(f"top_p must be between 0 and 1 (or None: no top-p filter), got {top_p}")
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature
     if top_k is not None:
-        kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
+        kth_best = torch.topk(logits, max(1, min(top_k, logits.size(-1)))).values[:, [-1]]  # (B, 1)
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
     if top_p is not None:
         sorted_probs, order = torch.sort(F.softmax(logits, dim=-1), dim=-1, descending=True)
@@ -299,6 +366,7 @@ def sample_next_token(logits, temperature: float = 1.0, top_k: int | None = None
         # Drop a token when the tokens above it already reach top_p; the token that crosses p stays.
         # (The 1e-6 lets float rounding not decide exact ties such as 0.5 + 0.3 vs top_p = 0.8.)
         drop_sorted = mass_before >= top_p - 1e-6
+        drop_sorted[:, 0] = False  # the most likely token stays, even for top_p = 0 (else: nothing left, NaN)
         drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
         logits = logits.masked_fill(drop, float("-inf"))
     probs = F.softmax(logits, dim=-1)
@@ -318,6 +386,11 @@ class GPT(nn.Module):
         self.ln_f = make_norm(config)  # the final norm before the head
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf 2017): one matrix, two uses
+        # RoPE's cos and sin for positions 0 .. block_size - 1, computed once; forward slices them. A buffer:
+        # it follows model.to(device), and is not saved (persistent=False): it is no parameter.
+        cos, sin = rope_angles(torch.arange(config.block_size), config.n_embd // config.n_head, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
         # GPT-2: scale the init of the projections that write into the residual stream by
         # 1/sqrt(2 * n_layer), so the stream's variance does not grow with depth.
@@ -337,6 +410,7 @@ class GPT(nn.Module):
         """Parameter count; the tied lm_head weight is counted once."""
         return sum(p.numel() for p in self.parameters())
 
+    # NEW in part 2 (Loshchilov & Hutter 2017, https://arxiv.org/abs/1711.05101)
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas: tuple[float, float]):
         """AdamW with decoupled weight decay (Loshchilov & Hutter 2017) on two parameter groups.
 
@@ -355,20 +429,29 @@ class GPT(nn.Module):
         fused = self.wte.weight.device.type in ("cpu", "cuda")
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
-    def forward(self, idx, targets=None, kv_cache: list[KVCache] | None = None):
+    def forward(self, idx, targets=None, kv_cache: list | None = None):
         """idx (B, T) -> logits (B, T, vocab_size) and the loss if targets are given.
 
-        With kv_cache (one KVCache per layer, see new_kv_cache), idx holds only the tokens that follow
-        the cached ones: positions continue where the cache stopped. There is no length limit: RoPE
-        has no table, so T may exceed block_size (the model just never trained that far).
+        With kv_cache (a cache per layer, see new_kv_cache), idx holds only the tokens that follow
+        the cached ones: positions continue where the cache stopped. There is no length limit: RoPE's
+        angles exist for every position, so T may exceed block_size (the model just never trained that far).
         """
         B, T = idx.size()
+        cfg = self.config
         start = 0 if kv_cache is None else kv_cache[0].seen
         pos = torch.arange(start, start + T, device=idx.device)  # (T,) absolute positions
-        cos, sin = rope_angles(pos, self.config.n_embd // self.config.n_head, self.config.rope_theta)
+        if start + T <= cfg.block_size:
+            cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        else:  # beyond the precomputed positions (a long generation): compute the angles
+            cos, sin = rope_angles(pos, cfg.n_embd // cfg.n_head, cfg.rope_theta)
+        # which keys each query may see, built once for all layers; None: plain causal. (With a cache, the
+        # cache's positions decide, in each layer.)
+        mask = None
+        if kv_cache is None and cfg.window_size is not None:
+            mask = attention_mask(pos, pos, cfg.window_size, cfg.n_sink)
         x = self.drop(self.wte(idx))  # (B, T, n_embd): no position embedding added
         for i, block in enumerate(self.blocks):
-            x = block(x, pos, cos, sin, None if kv_cache is None else kv_cache[i])
+            x = block(x, pos, cos, sin, None if kv_cache is None else kv_cache[i], mask=mask)
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
         loss = None
         if targets is not None:
@@ -377,17 +460,20 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def new_kv_cache(self, batch_size: int, capacity: int | None = None) -> list[KVCache]:
+    def new_kv_cache(self, batch_size: int, capacity: int | None = None, growing: bool = False) -> list:
         """An empty KV cache, one per layer, for generation.
 
         Generation attends with the model's window, or, for a full-attention model, with a window of
         block_size: the longest context it was trained on. Thanks to RoPE, "the last block_size tokens"
         is the same whether we crop the text (part 2) or slide a window over it, up to block_size tokens.
-        The default capacity is n_sink + window: a rolling buffer, constant memory. A larger capacity
-        (e.g. the whole text) keeps everything: the growing cache, same outputs, more memory.
+        The default is the rolling buffer (KVCache) of capacity n_sink + window slots: constant memory.
+        A larger capacity (e.g. the whole text) keeps everything, allocated up front; growing=True is the
+        plain GrowingKVCache, which keeps everything too, allocated as it goes. Same outputs, more memory.
         """
         cfg = self.config
         window = cfg.window_size or cfg.block_size
+        if growing:
+            return [GrowingKVCache(window, cfg.n_sink) for _ in range(cfg.n_layer)]
         param = self.wte.weight
         return [KVCache(batch_size, cfg.n_kv_head or cfg.n_head, cfg.n_embd // cfg.n_head,
                         capacity or cfg.n_sink + window, window, cfg.n_sink, param.device, param.dtype)
@@ -395,7 +481,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def stream(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-               top_p: float | None = None, use_cache: bool = True, kv_cache: list[KVCache] | None = None):
+               top_p: float | None = None, use_cache: bool = True, kv_cache: list | None = None):
         """Yield max_new_tokens new tokens (B, 1), one at a time, continuing idx (B, T).
 
         use_cache=True: run the prompt through the model once, filling the KV cache (the "prefill"),

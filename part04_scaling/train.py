@@ -61,6 +61,8 @@ class TrainConfig(GPTConfig):
     window_size: int | None = field(default=None, metadata={"help": "sliding-window attention; none = full", "min": 1})
     n_sink: int = field(default=0, metadata={"help": "attention sinks kept visible with a window", "min": 0})
     norm: str = field(default="rmsnorm", metadata={"choices": ["rmsnorm", "layernorm"]})
+    reference_ops: bool = field(default=False, metadata={"help": "the written-out RMSNorm, RoPE and GQA of the lesson "
+                                                                 "instead of PyTorch's fused ops (same numbers, slower)"})
     # the optimisation
     batch_size: int = field(default=8, metadata={"help": "sequences per micro-batch (per process)", "min": 1})
     grad_accum_steps: int = field(default=1, metadata={"help": "micro-batches averaged into one optimizer step",
@@ -104,13 +106,16 @@ class TrainConfig(GPTConfig):
     num_samples: int = field(default=1, metadata={"min": 1})
     max_new_tokens: int = field(default=200, metadata={"min": 0})
     temperature: float = field(default=0.8, metadata={"help": "0 = greedy", "min": 0})
-    top_k: int | None = field(default=None, metadata={"help": "keep the k likeliest tokens; none = off", "min": 0})
-    top_p: float | None = field(default=0.95, metadata={"help": "nucleus sampling; none = off", "min": 0, "max": 1})
+    top_k: int | None = field(default=None, metadata={"help": "keep the k likeliest tokens (1 = greedy); none = off",
+                                                      "min": 1})
+    top_p: float | None = field(default=0.95, metadata={"help": "nucleus sampling, a probability mass in (0, 1]; "
+                                                                "none = off", "min": 0, "max": 1})
 
 
+NOT_THE_MODELS_MEANING = ("reference_ops", "eval_capacity_factor")  # how it computes, not what it computes
 # Changing any of these between a run and its resume would make the checkpoint mean something else: every
 # model field, the data and its order, and the optimisation (the world size is checked on its own).
-MUST_MATCH_ON_RESUME = tuple(f.name for f in fields(GPTConfig)) + (
+MUST_MATCH_ON_RESUME = tuple(f.name for f in fields(GPTConfig) if f.name not in NOT_THE_MODELS_MEANING) + (
     "data", "seed", "batch_size", "grad_accum_steps", "lr_schedule", "learning_rate", "min_lr", "warmup_iters",
     "wsd_decay_fraction", "weight_decay", "beta1", "beta2", "grad_clip")
 
@@ -120,6 +125,8 @@ def check_config(cfg: TrainConfig) -> None:
     check_bounds(cfg)
     if not cfg.start:
         raise ValueError("--start is empty; the samples need a prompt of at least one character, e.g. a newline")
+    if cfg.top_p is not None and cfg.top_p <= 0:
+        raise ValueError(f"--top_p must be in (0, 1], got {cfg.top_p}; --top_p none turns nucleus sampling off")
     if cfg.n_embd % cfg.n_head:
         raise ValueError(f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
     if (cfg.n_embd // cfg.n_head) % 2:

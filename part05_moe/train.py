@@ -70,6 +70,8 @@ class TrainConfig(GPTConfig):
     window_size: int | None = field(default=None, metadata={"help": "sliding-window attention; none = full", "min": 1})
     n_sink: int = field(default=0, metadata={"help": "attention sinks kept visible with a window", "min": 0})
     norm: str = field(default="rmsnorm", metadata={"choices": ["rmsnorm", "layernorm"]})
+    reference_ops: bool = field(default=False, metadata={"help": "the written-out RMSNorm, RoPE and GQA of the lesson "
+                                                                 "instead of PyTorch's fused ops (same numbers, slower)"})
     # the mixture of experts (see model.py)
     n_expert: int = field(default=8, metadata={"help": "routed experts per MoE layer; 0 = dense MLPs (part 4)",
                                                "min": 0})
@@ -82,6 +84,9 @@ class TrainConfig(GPTConfig):
     capacity_factor: float | None = field(default=None, metadata={"help": "in training, cap each expert at this x its "
                                                                            "fair share of tokens, drop the rest; none = "
                                                                            "no cap", "min": 1e-9})
+    eval_capacity_factor: float | None = field(default=None, metadata={"help": "the cap in eval mode (evaluation, "
+                                                                                "generation); none = drop nothing",
+                                                                        "min": 1e-9})
     noisy_gating: bool = field(default=False, metadata={"help": "learned noise on the router logits (Shazeer 2017)"})
     aux_loss_coef: float = field(default=0.01, metadata={"help": "weight of the load-balancing loss; 0 = off",
                                                          "min": 0})
@@ -129,13 +134,16 @@ class TrainConfig(GPTConfig):
     num_samples: int = field(default=1, metadata={"min": 1})
     max_new_tokens: int = field(default=200, metadata={"min": 0})
     temperature: float = field(default=0.8, metadata={"help": "0 = greedy", "min": 0})
-    top_k: int | None = field(default=None, metadata={"help": "keep the k likeliest tokens; none = off", "min": 0})
-    top_p: float | None = field(default=0.95, metadata={"help": "nucleus sampling; none = off", "min": 0, "max": 1})
+    top_k: int | None = field(default=None, metadata={"help": "keep the k likeliest tokens (1 = greedy); none = off",
+                                                      "min": 1})
+    top_p: float | None = field(default=0.95, metadata={"help": "nucleus sampling, a probability mass in (0, 1]; "
+                                                                "none = off", "min": 0, "max": 1})
 
 
+NOT_THE_MODELS_MEANING = ("reference_ops", "eval_capacity_factor")  # how it computes, not what it computes
 # Changing any of these between a run and its resume would make the checkpoint mean something else: every
 # model field, the data and its order, and the optimisation (the world size is checked on its own).
-MUST_MATCH_ON_RESUME = tuple(f.name for f in fields(GPTConfig)) + (
+MUST_MATCH_ON_RESUME = tuple(f.name for f in fields(GPTConfig) if f.name not in NOT_THE_MODELS_MEANING) + (
     "data", "seed", "batch_size", "grad_accum_steps", "lr_schedule", "learning_rate", "min_lr", "warmup_iters",
     "wsd_decay_fraction", "weight_decay", "beta1", "beta2", "grad_clip")
 
@@ -145,6 +153,8 @@ def check_config(cfg: TrainConfig) -> None:
     check_bounds(cfg)
     if not cfg.start:
         raise ValueError("--start is empty; the samples need a prompt of at least one character, e.g. a newline")
+    if cfg.top_p is not None and cfg.top_p <= 0:
+        raise ValueError(f"--top_p must be in (0, 1], got {cfg.top_p}; --top_p none turns nucleus sampling off")
     if cfg.n_embd % cfg.n_head:
         raise ValueError(f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
     if (cfg.n_embd // cfg.n_head) % 2:
@@ -190,20 +200,19 @@ def get_batch(data: torch.Tensor, batch_size: int, block_size: int, generator: t
 def routing_stats(model: GPT) -> dict[str, torch.Tensor]:
     """What the routers did in the model's last forward pass, one row per MoE layer: expert_fraction
     (n_moe_layers, n_expert), the share of the token->expert assignments each expert got (1/n_expert
-    each when balanced), and aux_loss, z_loss, drop_rate (n_moe_layers,). Empty for a dense model."""
+    each when balanced), and aux_loss, z_loss (n_moe_layers,). Empty for a dense model."""
     layers = model.moe_layers()
     if not layers:
         return {}
     return dict(expert_fraction=torch.stack([moe.expert_fraction for moe in layers]).float().cpu(),
                 aux_loss=torch.stack([moe.aux_loss for moe in layers]).float().cpu(),
-                z_loss=torch.stack([moe.z_loss for moe in layers]).float().cpu(),
-                drop_rate=torch.tensor([moe.drop_rate for moe in layers]))
+                z_loss=torch.stack([moe.z_loss for moe in layers]).float().cpu())
 
 
 @torch.no_grad()
 def estimate_loss(model, data: torch.Tensor, cfg: TrainConfig, device: str) -> tuple[float, dict]:
     """Mean loss over eval_iters batches, and the routing statistics of the same batches as metrics.jsonl
-    fields: aux_loss, z_loss, drop_rate (averaged over the MoE layers) and expert_fraction (one list per
+    fields: aux_loss, z_loss (averaged over the MoE layers) and expert_fraction (one list per
     MoE layer); {} for a dense model. The batches come from a fixed seed, so every evaluation scores
     the same windows and the curve shows the model changing, not the batches."""
     generator = torch.Generator().manual_seed(cfg.seed + 1)
@@ -489,6 +498,8 @@ def train(cfg: TrainConfig):
     start = time.perf_counter()
     train_seconds, interval_seconds, interval_iters, tokens_per_sec = 0.0, 0.0, 0, 0.0
     step_loss, grad_norm = float("nan"), float("nan")
+    # capacity drops tokens in training only (model.py): the share the last training step dropped
+    drop_rate = {"drop_rate": 0.0} if model.moe_layers() else {}
     it = start_iter
     bar = tqdm(range(start_iter, cfg.max_iters + 1), desc="train", dynamic_ncols=True, disable=not master)
     try:
@@ -515,7 +526,7 @@ def train(cfg: TrainConfig):
                                 val_loss=val_loss)
                 loggers.log(iter=it, train_loss=train_loss, val_loss=val_loss,
                             val_bits_per_byte=val_loss / math.log(2) / bytes_per_token, lr=lr,
-                            tokens_per_sec=tokens_per_sec, step_loss=step_loss, grad_norm=grad_norm, **routing)
+                            tokens_per_sec=tokens_per_sec, step_loss=step_loss, grad_norm=grad_norm, **routing, **drop_rate)
                 bar.write(f"iter {it:5d} | train loss {train_loss:.4f} | val loss {val_loss:.4f} | lr {lr:.2e}")
                 interval_seconds, interval_iters = 0.0, 0
             if it == cfg.max_iters:
@@ -556,6 +567,8 @@ def train(cfg: TrainConfig):
             scaler.step(optimizer)  # fp16: skips the step if any gradient overflowed to inf/nan
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            if drop_rate:
+                drop_rate["drop_rate"] = sum(moe.drop_rate for moe in model.moe_layers()) / len(model.moe_layers())
 
             step_seconds = time.perf_counter() - step_start
             train_seconds += step_seconds

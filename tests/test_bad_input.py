@@ -34,7 +34,8 @@ BAD = [
     (["--max_new_tokens", "-5"], "--max_new_tokens must be >= 0", [train00, *LM_SCRIPTS]),
     (["--temperature", "-1"], "--temperature must be >= 0", LM_SCRIPTS),
     (["--top_p", "1.5"], "--top_p must be <= 1", LM_SCRIPTS),
-    (["--top_k", "-2"], "--top_k must be >= 0", LM_SCRIPTS),
+    (["--top_k", "0"], "--top_k must be >= 1", LM_SCRIPTS),  # it kept no token: NaN probabilities
+    (["--top_p", "0"], "--top_p must be in (0, 1]", LM_SCRIPTS),
     (["--dropout", "1"], "--dropout must be <= 0.99", [train01, *LM_SCRIPTS]),
     (["--max_iters", "-3"], "--max_iters must be >= 0", ALL_SCRIPTS),
     (["--start", ""], "--start is empty", LM_SCRIPTS),

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from torch.nn import functional as F
 
 from part03_modern import generate, train
-from part03_modern.model import (GPT, MLP, GPTConfig, KVCache, MultiHeadAttention, RMSNorm, apply_rope,
-                                 attention_mask, rope_angles, swiglu_hidden_size)
+from part03_modern.model import (GPT, MLP, GPTConfig, GrowingKVCache, KVCache, MultiHeadAttention, RMSNorm,
+                                 apply_rope, attention_mask, rope_angles, swiglu_hidden_size)
 from shared.metrics import read_metrics
 from tests.texts import write_verse
 
@@ -261,6 +261,21 @@ def test_rolling_buffer_equals_a_growing_cache_and_recomputation_from_scratch():
         growing = decode_step_by_step(model, idx, prefill=9, kv_cache=model.new_kv_cache(2, capacity=60))
     torch.testing.assert_close(rolling, recomputed, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(growing, recomputed, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window,n_sink,prefill", [(None, 0, 1), (None, 0, 6), (5, 0, 3), (5, 2, 11)])
+def test_the_plain_growing_cache_gives_the_full_forward_logits_and_grows_by_a_token_a_step(window, n_sink, prefill):
+    model = tiny_model(window_size=window, n_sink=n_sink)
+    length = TINY.block_size if window is None else 40
+    idx = tokens(2, length)
+    cache = model.new_kv_cache(2, growing=True)
+    assert all(isinstance(layer, GrowingKVCache) for layer in cache) and cache[0].nbytes() == 0
+    with torch.no_grad():
+        torch.testing.assert_close(decode_step_by_step(model, idx, prefill, kv_cache=cache), model(idx)[0],
+                                   rtol=1e-5, atol=1e-5)
+    # one slot per token seen, keys and values, n_kv_head heads of head_size floats: memory grows with the text
+    assert cache[0].k.shape == (2, 2, length, 8) and torch.equal(cache[0].pos, torch.arange(length))
+    assert cache[0].nbytes() == 2 * 2 * 2 * length * 8 * 4 and cache[0].seen == length
 
 
 def test_a_too_small_cache_is_refused():

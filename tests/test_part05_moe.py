@@ -199,6 +199,41 @@ def test_kv_cache_generation_equals_recomputation_with_moe_layers():
     assert torch.equal(cached, uncached)
 
 
+# --- Capacity at evaluation and decoding (Switch: a separate, by default absent, eval capacity) -------------
+
+
+def test_eval_mode_drops_nothing_so_the_full_forward_equals_cached_decoding():
+    """Trap: a capacity computed from whatever batch runs. The full forward (48 tokens) then drops overflow that
+    one-token decoding never drops, and the cached logits differ from the full ones."""
+    torch.manual_seed(0)
+    model = GPT(moe_config(n_expert=4, moe_top_k=1, capacity_factor=1.0)).eval()
+    idx = torch.randint(50, (3, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(idx)[0]
+        full_drop_rates = [moe.drop_rate for moe in model.moe_layers()]
+        cache = model.new_kv_cache(3)
+        steps = [model(idx[:, :1], kv_cache=cache)[0]] + [model(idx[:, t : t + 1], kv_cache=cache)[0]
+                                                          for t in range(1, 16)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert full_drop_rates == [0.0, 0.0]
+    model.train()  # in training the capacity applies: the same tokens overflow an expert and are dropped
+    with torch.no_grad():
+        model(idx)
+    assert max(moe.drop_rate for moe in model.moe_layers()) > 0.05
+
+
+def test_eval_capacity_factor_caps_experts_in_eval_mode_only():
+    torch.manual_seed(0)
+    model = GPT(moe_config(n_expert=4, moe_top_k=1, eval_capacity_factor=0.5)).eval()
+    idx = torch.randint(50, (3, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model(idx)
+        assert all(moe.drop_rate >= 0.5 for moe in model.moe_layers())  # half the fair share: at least half dropped
+        model.train()
+        model(idx)
+        assert all(moe.drop_rate == 0.0 for moe in model.moe_layers())  # capacity_factor None: no cap in training
+
+
 # --- Training ------------------------------------------------------------------------------------------
 
 
