@@ -2,7 +2,9 @@
 
 The training loop is part 2's, unchanged; the model is part03_modern/model.py (RMSNorm, RoPE, SwiGLU,
 grouped-query attention). The flags for the new parts are --n_kv_head, --rope_theta, --window_size,
---n_sink and --norm. At the end we save the weights and print a sample generated with the KV cache.
+--n_sink, --norm and --reference_ops (train with the written-out RMSNorm, RoPE and GQA instead of the
+fused ops: the same numbers, slower). At the end we save the weights and print a sample generated with
+the KV cache.
 
     python part03_modern/train.py                        # the main run (minutes on a laptop CPU)
     python part03_modern/train.py --norm layernorm       # the RMSNorm vs LayerNorm experiment

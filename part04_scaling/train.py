@@ -9,7 +9,7 @@ optimizer moments, step, random-number states, and the tokenizer the ids belong 
 out_dir to itself (a lock), never replaces a finished run unless --overwrite, and never saves a
 diverged (NaN) model over the last good checkpoint.
 
-    python part04_scaling/train.py                                  # the main run (~8.5 minutes on 2 CPU cores)
+    python part04_scaling/train.py                                  # the main run (4.5-8.5 minutes on 2 CPU cores)
     python part04_scaling/train.py --init_from resume               # continue where the last run stopped
     python part04_scaling/train.py --grad_accum_steps 4 --batch_size 8   # a 4x bigger batch in the same memory
     python part04_scaling/train.py --lr_schedule wsd --dtype bfloat16

@@ -15,7 +15,7 @@ optimizer moments, step, random-number states, and the tokenizer the ids belong 
 out_dir to itself (a lock), never replaces a finished run unless --overwrite, and never saves a
 diverged (NaN) model over the last good checkpoint.
 
-    python part05_moe/train.py                                  # the main run (~11 minutes on 2 CPU cores)
+    python part05_moe/train.py                                  # the main run (6.5-11 minutes on 2 CPU cores)
     python part05_moe/train.py --n_expert 0                     # the same model with dense MLPs
     python part05_moe/train.py --aux_loss_coef 0                # no load balancing: watch the experts collapse
     python part05_moe/train.py --moe_top_k 1 --capacity_factor 1.25   # Switch-style top-1, token dropping
