@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from part04_scaling.model import GPT, GPTConfig
 from part04_scaling.tokenizer import encode_tensor, get_tokenizer
-from part04_scaling.train import TrainConfig, estimate_loss, get_batch, lr_at
+from part04_scaling.train import TrainConfig, check_model_shape, estimate_loss, get_batch, lr_at
 from shared.config import parse_config, run_cli
 from shared.data import load_text, train_val_split
 from shared.device import autocast, pick_device, supports_dtype, synchronize
@@ -77,13 +77,7 @@ def check_config(cfg: PrecisionConfig) -> None:
     """The rules that involve several flags (the bounds of each one are checked before)."""
     if cfg.skip_steps >= cfg.steps:
         raise ValueError(f"--skip_steps {cfg.skip_steps} leaves no step to time: it must be below --steps {cfg.steps}")
-    if cfg.n_embd % cfg.n_head:
-        raise ValueError(f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
-    if (cfg.n_embd // cfg.n_head) % 2:
-        raise ValueError(f"the head size n_embd / n_head = {cfg.n_embd // cfg.n_head} must be even: RoPE rotates "
-                         "channel pairs")
-    if cfg.n_kv_head is not None and cfg.n_head % cfg.n_kv_head:
-        raise ValueError(f"--n_head {cfg.n_head} must be a multiple of --n_kv_head {cfg.n_kv_head}")
+    check_model_shape(cfg)
 
 
 def cpu_bf16_flags() -> list[str]:

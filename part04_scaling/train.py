@@ -127,6 +127,13 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError("--start is empty; the samples need a prompt of at least one character, e.g. a newline")
     if cfg.top_p is not None and cfg.top_p <= 0:
         raise ValueError(f"--top_p must be in (0, 1], got {cfg.top_p}; --top_p none turns nucleus sampling off")
+    check_model_shape(cfg)
+    if cfg.min_lr > cfg.learning_rate:
+        raise ValueError(f"--min_lr {cfg.min_lr} is above --learning_rate {cfg.learning_rate}")
+
+
+def check_model_shape(cfg) -> None:
+    """The shapes the model needs (part 4's bench_precision.py checks its flags with it too)."""
     if cfg.n_embd % cfg.n_head:
         raise ValueError(f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
     if (cfg.n_embd // cfg.n_head) % 2:
@@ -134,8 +141,6 @@ def check_config(cfg: TrainConfig) -> None:
                          "channel pairs")
     if cfg.n_kv_head is not None and cfg.n_head % cfg.n_kv_head:
         raise ValueError(f"--n_head {cfg.n_head} must be a multiple of --n_kv_head {cfg.n_kv_head}")
-    if cfg.min_lr > cfg.learning_rate:
-        raise ValueError(f"--min_lr {cfg.min_lr} is above --learning_rate {cfg.learning_rate}")
 
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> GPTConfig:

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from part03_modern import generate, train
 from part03_modern.model import (GPT, MLP, GPTConfig, GrowingKVCache, KVCache, MultiHeadAttention, RMSNorm,
-                                 apply_rope, attention_mask, rope_angles, swiglu_hidden_size)
+                                 apply_rope, apply_rope_complex, attention_mask, rope_angles, swiglu_hidden_size)
 from shared.metrics import read_metrics
 from tests.texts import write_verse
 
@@ -96,14 +96,15 @@ def test_rope_preserves_norms_and_position_zero_is_identity():
     torch.testing.assert_close(rotated[..., 0, :], x[..., 0, :])  # angle 0: no rotation
 
 
+@pytest.mark.parametrize("rope", [apply_rope, apply_rope_complex])  # written out, and the fused path
 @given(m=st.integers(0, 3000), n=st.integers(0, 3000), shift=st.integers(0, 3000))
-def test_rope_scores_depend_only_on_the_offset(m, n, shift):
+def test_rope_scores_depend_only_on_the_offset(rope, m, n, shift):
     gen = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 32, generator=gen), torch.randn(1, 32, generator=gen)
 
     def score(q_pos, k_pos):
-        q_rot = apply_rope(q, *rope_angles(torch.tensor([q_pos]), 32))
-        k_rot = apply_rope(k, *rope_angles(torch.tensor([k_pos]), 32))
+        q_rot = rope(q, *rope_angles(torch.tensor([q_pos]), 32))
+        k_rot = rope(k, *rope_angles(torch.tensor([k_pos]), 32))
         return (q_rot * k_rot).sum().item()
 
     assert score(m, n) == pytest.approx(score(m + shift, n + shift), abs=1e-4)
