@@ -152,7 +152,7 @@ def train(cfg: TrainConfig):
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.out_dir)
     run_lock = lock_run_dir(out_dir)  # noqa: F841  (held until the process ends: one run per out_dir)
-    check_fresh_run_dir(out_dir, cfg.overwrite)  # a finished run is not replaced by accident
+    check_fresh_run_dir(out_dir, cfg.overwrite, resumable=False)  # a finished run is not replaced by accident
 
     train_data, val_data = train_val_split(encode_tensor(load_text(cfg.data)))
     if len(val_data) <= cfg.block_size:

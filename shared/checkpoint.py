@@ -51,13 +51,14 @@ def lock_run_dir(out_dir: str | os.PathLike):
     return lock_file
 
 
-def check_fresh_run_dir(out_dir: str | os.PathLike, overwrite: bool) -> None:
+def check_fresh_run_dir(out_dir: str | os.PathLike, overwrite: bool, resumable: bool = True) -> None:
     """A fresh run must not replace a run already in out_dir, unless asked to (--overwrite)."""
     out_dir = Path(out_dir)
     found = [name for name in RUN_FILES if (out_dir / name).is_file()]
     if found and not overwrite:
-        raise FileExistsError(f"{out_dir} already holds a run ({', '.join(found)}): continue it with "
-                              "--init_from resume, pick another --out_dir, or replace it with --overwrite")
+        resume = "continue it with --init_from resume, " if resumable else ""
+        raise FileExistsError(f"{out_dir} already holds a run ({', '.join(found)}): {resume}pick another "
+                              "--out_dir, or replace it with --overwrite")
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:

@@ -85,3 +85,16 @@ def test_a_bad_flag_from_the_shell_prints_no_traceback(tmp_path):
                            "--out_dir", str(tmp_path / "run")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].endswith("error: --grad_clip must be >= 0, got -1.0")
+
+
+def test_a_second_fresh_run_is_refused_with_the_way_out(tmp_path, capsys):
+    """Part 2 has no --init_from: its message offers only --out_dir and --overwrite."""
+    data = tmp_path / "verse.txt"
+    data.write_text("To be, or not to be, that is the question.\n" * 200)
+    flags = ["--data", str(data), "--out_dir", str(tmp_path / "run"), "--n_layer", "1", "--n_embd", "16",
+             "--n_head", "2", "--block_size", "16", "--batch_size", "2", "--max_iters", "2", "--eval_interval", "2",
+             "--eval_iters", "1", "--max_new_tokens", "2", "--device", "cpu"]
+    train02.main(flags)
+    with pytest.raises(FileExistsError, match=r"already holds a run .*: pick another --out_dir, or replace it with "
+                                              r"--overwrite$"):
+        train02.main(flags)
