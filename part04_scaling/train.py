@@ -415,7 +415,9 @@ def train(cfg: TrainConfig):
     tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.grad_accum_steps * world_size
     start = time.perf_counter()
     train_seconds, interval_seconds, interval_iters, tokens_per_sec = 0.0, 0.0, 0, 0.0
-    step_loss, grad_norm = float("nan"), float("nan")
+    # the last step's loss and gradient norm, logged with the next evaluation (a resumed run gets them back)
+    step_loss, grad_norm = (checkpoint.get("step_loss", math.nan), checkpoint.get("grad_norm", math.nan)) if checkpoint \
+        else (math.nan, math.nan)
     it = start_iter
     bar = tqdm(range(start_iter, cfg.max_iters + 1), desc="train", dynamic_ncols=True, disable=not master)
     try:
@@ -439,7 +441,7 @@ def train(cfg: TrainConfig):
                 # the checkpoint first, then its row: if we die in between, the resumed run evaluates this
                 # step again and the logger replaces any row from this step on
                 save_checkpoint(ckpt_path, model, optimizer, scaler, generator, rng, it, cfg, world_size, tokenizer,
-                                val_loss=val_loss)
+                                val_loss=val_loss, step_loss=step_loss, grad_norm=grad_norm)
                 loggers.log(iter=it, train_loss=train_loss, val_loss=val_loss,
                             val_bits_per_byte=val_loss / math.log(2) / bytes_per_token, lr=lr,
                             tokens_per_sec=tokens_per_sec, step_loss=step_loss, grad_norm=grad_norm)

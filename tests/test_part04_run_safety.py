@@ -161,13 +161,17 @@ def test_resume_refuses_another_number_of_processes(tmp_path, verse):
 
 
 def test_a_kill_between_saving_and_logging_loses_no_metrics_row(tmp_path, verse):
-    run = tmp_path / "run"
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    train.main(flags(straight, verse, "--max_iters", "40"))
     train.main(flags(run, verse, "--max_iters", "20", "--lr_decay_iters", "40"))
     rows = (run / "metrics.jsonl").read_text().splitlines()
     (run / "metrics.jsonl").write_text("\n".join(rows[:-1]) + "\n")  # step 20 saved, its row never written
     train.main(flags(run, verse, "--max_iters", "40", "--lr_decay_iters", "40", "--init_from", "resume"))
-    assert [r["iter"] for r in read_metrics(run / "metrics.jsonl")] == [0, 10, 20, 30, 40]
+    resumed, uninterrupted = read_metrics(run / "metrics.jsonl"), read_metrics(straight / "metrics.jsonl")
+    assert [r["iter"] for r in resumed] == [0, 10, 20, 30, 40]
     assert [s["iter"] for s in read_steps(run)] == list(range(40))  # every step once
+    for key in ("val_loss", "lr", "step_loss", "grad_norm"):  # the re-logged row 20 is the row it replaces
+        assert [r[key] for r in resumed] == [r[key] for r in uninterrupted], key
 
 
 def test_the_tokenizer_travels_with_the_checkpoint_and_resume_refuses_changed_data(tmp_path, verse):
