@@ -198,6 +198,8 @@ def plot_loss(records: list[dict], path: str | os.PathLike, title: str = "loss",
             ax.plot(xs, ys, color=color, **style)
             plotted += ys
 
+    if not keys and not steps:  # an empty plot would hide a misnamed column; say so instead
+        raise ValueError(f"nothing to plot in {path.name}: the records have no '*loss*' column")
     if plotted and min(plotted) > 0 and max(plotted) / min(plotted) > 1.5:
         low, high = min(plotted) / 1.03, max(plotted) * 1.03
         ax.set_yscale("log")
@@ -211,6 +213,34 @@ def plot_loss(records: list[dict], path: str | os.PathLike, title: str = "loss",
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+# --- Per-task bar chart (parts 6-9: one bar per model and task) --------------------------------------------
+
+
+def plot_task_bars(scores: dict[str, dict[str, float]], path: str | os.PathLike, title: str = "held-out accuracy",
+                   ylabel: str = "exact match") -> Path:
+    """Grouped bars: ``scores[model][task]`` in [0, 1], one group per task, one colour per model, each bar
+    labelled with its value. Tasks missing for a model are left out of its bars."""
+    path = Path(path)
+    tasks = list(dict.fromkeys(task for per_task in scores.values() for task in per_task))
+    fig = Figure(figsize=(max(6.0, 0.9 * len(tasks) + 2), 4.2), dpi=120)
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(scores))
+    for i, (model, per_task) in enumerate(scores.items()):
+        xs = [t + (i - (len(scores) - 1) / 2) * width for t, task in enumerate(tasks) if task in per_task]
+        ys = [per_task[task] for task in tasks if task in per_task]
+        bars = ax.bar(xs, ys, width=width, label=model, color=f"C{i}")
+        ax.bar_label(bars, labels=[f"{y:.2f}".lstrip("0") if y < 1 else "1" for y in ys], fontsize=6, padding=1)
+    ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     return path

@@ -280,7 +280,7 @@ def test_export_round_trip_through_the_loaders(tmp_path, capsys):
     sft = tmp_path / "out" / "sft.jsonl"  # a missing folder is created
     tasks.main(["export", "--split", "heldout", "--kind", "sft", "--out", str(sft)])
     summary = capsys.readouterr().out.strip()
-    assert "\n" not in summary and "1800 sft rows" in summary and "add 200" in summary and "next_line 200" in summary
+    assert "\n" not in summary and "4500 sft rows" in summary and "add 500" in summary and "next_line 500" in summary
     rows = [json.loads(line) for line in sft.read_text().splitlines()]
     assert set(rows[0]) == {"task", "prompt", "gold"}
     loaded = tasks.load_sft_jsonl(sft)

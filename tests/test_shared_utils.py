@@ -144,6 +144,8 @@ def test_plot_loss_with_steps_and_missing_values(tmp_path):
               steps=[{"iter": i, "loss": 0.1 - 0.02 * i} for i in range(10)])
     with pytest.raises(ValueError, match="x='iter'"):
         plot_loss(records, tmp_path / "bad.png", x="tokens", steps=steps)
+    with pytest.raises(ValueError, match="no '\\*loss\\*' column"):  # e.g. columns named after tasks only
+        plot_loss([{"iter": 0, "speaker": 1.0}], tmp_path / "none.png")
 
 
 def test_device_choice():
