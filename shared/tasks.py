@@ -533,7 +533,7 @@ def get_preferences(split: str, task: str | None = None) -> list[Preference]:
 # --------------------------------------------------------------------------------------
 
 
-def _read_jsonl(path) -> list[tuple[int, dict]]:
+def read_jsonl(path) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line; ValueError naming file and line otherwise."""
     path = Path(path)
     rows = []
@@ -568,7 +568,7 @@ def load_sft_jsonl(path) -> list[Example]:
     {"instruction", "input"?, "output"} (the input, if any, goes on the line below the instruction).
     Rows without a task get task "user", verified by exact match."""
     examples = []
-    for number, row in _read_jsonl(path):
+    for number, row in read_jsonl(path):
         if "instruction" in row:
             expected = '{"instruction", "input", "output"}'
             instruction = _get_str(row, "instruction", path, number, expected)
@@ -593,7 +593,7 @@ def load_preference_jsonl(path) -> list[Preference]:
     "\\n\\nAssistant:" they share: the dialogue up to it is the prompt."""
     expected = '{"prompt", "chosen", "rejected"}'
     pairs = []
-    for number, row in _read_jsonl(path):
+    for number, row in read_jsonl(path):
         chosen = _get_str(row, "chosen", path, number, expected)
         rejected = _get_str(row, "rejected", path, number, expected)
         if "prompt" not in row and ASSISTANT_TURN in chosen:
