@@ -408,7 +408,7 @@ def train(cfg: TrainConfig):
 
     records = read_metrics(logger.path)
     plot_loss([{k: r[k] for k in ("iter", "val_loss")} for r in records], out_dir / "loss.png",
-              title="part07: reward model, Bradley-Terry loss", steps=read_steps(out_dir))
+              title=f"part07: reward model, {cfg.loss} loss (held-out: Bradley-Terry)", steps=read_steps(out_dir))
     plot_scores({"gold answers": norm(chosen), "SFT answers": norm(answers), "corrupted answers": norm(rejected)},
                 out_dir / "scores.png")
     plot_calibration(bins, ece, out_dir / "calibration.png")
