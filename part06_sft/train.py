@@ -124,8 +124,8 @@ def encode_examples(tokenizer, examples, block_size: int, mask_prompt: bool):
     """(x, y) lists for the examples that fit in block_size tokens, and how many did not (they are dropped:
     cutting an answer short would teach the model to stop mid-answer)."""
     encoded = [encode_example(tokenizer, ex.prompt, ex.gold, mask_prompt) for ex in examples]
-    kept = [(e, ex) for e, ex in zip(encoded, examples) if len(e[0]) <= block_size]
-    return [e for e, _ in kept], [ex for _, ex in kept], len(examples) - len(kept)
+    kept = [e for e in encoded if len(e[0]) <= block_size]
+    return kept, len(encoded) - len(kept)
 
 
 def difficulty_order(encoded: list, generator: torch.Generator) -> list[int]:
@@ -193,7 +193,7 @@ def train(cfg: TrainConfig):
     model.resize_token_embeddings(tokenizer.vocab_size)
     model.train()
     block_size = model.config.block_size
-    train_encoded, _, dropped = encode_examples(tokenizer, examples, block_size, cfg.mask_prompt)
+    train_encoded, dropped = encode_examples(tokenizer, examples, block_size, cfg.mask_prompt)
     if not train_encoded:
         raise ValueError(f"none of the {dropped} training examples fits in the model's {block_size}-token context")
     val_encoded = {t: encode_examples(tokenizer, get_examples("heldout", t)[: cfg.eval_examples], block_size,
