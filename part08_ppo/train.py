@@ -19,7 +19,8 @@ task verifier's (the gold) are logged against the KL to the reference: the over-
 Gao et al. 2022 (https://arxiv.org/abs/2210.10760). At the end, part 6's eval.py numbers before and after.
 
     python part08_ppo/train.py                                    # the main run (~8 minutes on 2 CPU cores)
-    python part08_ppo/train.py --kl_coef 0 --no-adaptive_kl --max_iters 150 --out_dir runs/part08_overopt
+    python part08_ppo/train.py --kl_coef 0 --no-adaptive_kl --learning_rate 1e-4 --ppo_epochs 4 --max_iters 60 \
+        --eval_interval 5 --probe_n 50 --out_dir runs/part08_overopt    # reward over-optimisation (~10 minutes)
     python part08_ppo/train.py --help
 """
 import json
@@ -68,14 +69,14 @@ class TrainConfig:
     unfinished_penalty: float = field(default=1.0, metadata={"help": "subtracted from the reward of an answer cut "
                                                                      "at max_new_tokens (it never ended)", "min": 0})
     # the reward
-    kl_coef: float = field(default=0.05, metadata={"help": "beta: KL penalty per token (the adaptive controller's "
+    kl_coef: float = field(default=0.2, metadata={"help": "beta: KL penalty per token (the adaptive controller's "
                                                            "start)", "min": 0})
     kl_estimator: str = field(default="k1", metadata={"choices": ["k1", "k3"], "help": "per-token KL in the reward: "
                               "k1 = log pi - log pi_ref; k3 = (r - 1) - log r, r = pi_ref / pi (always >= 0)"})
     adaptive_kl: bool = field(default=True, metadata={"help": "adapt beta toward --target_kl (Ziegler et al. 2019)"})
-    target_kl: float = field(default=2.0, metadata={"help": "the adaptive controller's target: KL per answer, nats",
+    target_kl: float = field(default=0.5, metadata={"help": "the adaptive controller's target: KL per answer, nats",
                                                     "min": 0})
-    kl_horizon: int = field(default=2000, metadata={"help": "the adaptive controller's horizon, in answers",
+    kl_horizon: int = field(default=256, metadata={"help": "the adaptive controller's horizon, in answers",
                                                     "min": 1})
     # advantages
     gamma: float = field(default=1.0, metadata={"help": "discount per token", "min": 0, "max": 1})
@@ -83,8 +84,8 @@ class TrainConfig:
                                                "max": 1})
     whiten_advantages: bool = field(default=True, metadata={"help": "mean 0, std 1 over the rollout's tokens"})
     # the update
-    ppo_epochs: int = field(default=4, metadata={"help": "passes over each rollout", "min": 1})
-    minibatch_size: int = field(default=16, metadata={"help": "answers per gradient step", "min": 1})
+    ppo_epochs: int = field(default=2, metadata={"help": "passes over each rollout", "min": 1})
+    minibatch_size: int = field(default=32, metadata={"help": "answers per gradient step", "min": 1})
     clip_range: float = field(default=0.2, metadata={"help": "epsilon: the ratio is clipped to [1-eps, 1+eps]",
                                                      "min": 0})
     clip_range_value: float = field(default=0.2, metadata={"help": "the value's step is clipped to +-this", "min": 0})
@@ -101,7 +102,7 @@ class TrainConfig:
     beta1: float = field(default=0.9, metadata={"min": 0, "max": 0.9999})
     beta2: float = field(default=0.99, metadata={"min": 0, "max": 0.9999})
     grad_clip: float = field(default=1.0, metadata={"help": "0 = off", "min": 0})
-    max_iters: int = field(default=60, metadata={"help": "rollouts", "min": 0})
+    max_iters: int = field(default=40, metadata={"help": "rollouts", "min": 0})
     # evaluation
     eval_interval: int = field(default=10, metadata={"help": "iterations between held-out probes", "min": 1})
     probe_n: int = field(default=20, metadata={"help": "held-out prompts per task in each probe", "min": 1})
