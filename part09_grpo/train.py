@@ -19,7 +19,7 @@ against the KL to the reference. At the end, part 6's eval.py numbers before and
     python part09_grpo/train.py                                   # the main run (~9 minutes on 2 CPU cores)
     python part09_grpo/train.py --kl_coef 0 --out_dir runs/part09_beta0                  # ablation: no KL term
     python part09_grpo/train.py --no-scale_rewards --loss_agg constant --out_dir runs/part09_drgrpo  # Dr. GRPO
-    python part09_grpo/train.py --ppo_epochs 1 --minibatch_size 64 --out_dir runs/part09_single  # one update
+    python part09_grpo/train.py --ppo_epochs 1 --minibatch_size 256 --out_dir runs/part09_single  # one update
     python part09_grpo/train.py --help
 """
 import json
@@ -59,8 +59,8 @@ class TrainConfig:
                         "what scores an answer: the task's verifier, or the verifier plus part 7's reward model"})
     tasks: str = field(default="count", metadata={"help": "comma-separated tasks whose training prompts are used"})
     # the rollout
-    rollout_size: int = field(default=64, metadata={"help": "answers per iteration (group_size per prompt)",
-                                                    "min": 1})
+    rollout_size: int = field(default=256, metadata={"help": "answers per iteration (group_size per prompt)",
+                                                     "min": 1})
     group_size: int = field(default=8, metadata={"help": "G: answers sampled per prompt", "min": 2})
     max_new_tokens: int = field(default=32, metadata={"help": "answer length limit, in tokens", "min": 1})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature; the log-probs of the ratio "
@@ -79,22 +79,22 @@ class TrainConfig:
                           "all tokens (DAPO); constant: sum over an answer's tokens / max_new_tokens (Dr. GRPO)"})
     # the update
     ppo_epochs: int = field(default=2, metadata={"help": "passes over each rollout", "min": 1})
-    minibatch_size: int = field(default=32, metadata={"help": "answers per gradient step", "min": 1})
+    minibatch_size: int = field(default=128, metadata={"help": "answers per gradient step", "min": 1})
     clip_range: float = field(default=0.2, metadata={"help": "epsilon: the ratio is clipped to [1-eps, 1+eps]",
                                                      "min": 0})
     entropy_coef: float = field(default=0.0, metadata={"help": "weight of the entropy bonus", "min": 0})
     early_stop_kl: float = field(default=0.05, metadata={"help": "stop a rollout's epochs once the approx-KL between "
                                                                  "the policy and the one that sampled exceeds this "
                                                                  "(0 = never)", "min": 0})
-    learning_rate: float = field(default=5e-5, metadata={"min": 0})
+    learning_rate: float = field(default=2e-4, metadata={"min": 0})
     weight_decay: float = field(default=0.0, metadata={"min": 0})
     beta1: float = field(default=0.9, metadata={"min": 0, "max": 0.9999})
     beta2: float = field(default=0.99, metadata={"min": 0, "max": 0.9999})
     grad_clip: float = field(default=1.0, metadata={"help": "0 = off", "min": 0})
-    max_iters: int = field(default=60, metadata={"help": "rollouts", "min": 0})
+    max_iters: int = field(default=150, metadata={"help": "rollouts", "min": 0})
     # evaluation
     eval_interval: int = field(default=10, metadata={"help": "iterations between held-out probes", "min": 1})
-    probe_n: int = field(default=20, metadata={"help": "held-out prompts per task in each probe", "min": 1})
+    probe_n: int = field(default=100, metadata={"help": "held-out prompts per task in each probe", "min": 1})
     eval_n: int | None = field(default=None, metadata={"help": "held-out prompts per trained task for the final "
                                                                "evaluation (part 6's eval.py); none = all 500",
                                                        "min": 1})
