@@ -18,9 +18,9 @@ Every few iterations the policy answers held-out prompts: the reward model's sco
 task verifier's (the gold) are logged against the KL to the reference: the over-optimisation curve of
 Gao et al. 2022 (https://arxiv.org/abs/2210.10760). At the end, part 6's eval.py numbers before and after.
 
-    python part08_ppo/train.py                                    # the main run (~8 minutes on 2 CPU cores)
-    python part08_ppo/train.py --kl_coef 0 --no-adaptive_kl --learning_rate 1e-4 --ppo_epochs 4 --max_iters 60 \
-        --eval_interval 5 --probe_n 50 --out_dir runs/part08_overopt    # reward over-optimisation (~10 minutes)
+    python part08_ppo/train.py                                    # the main run (~3 minutes on 2 CPU cores)
+    python part08_ppo/train.py --kl_coef 0.05 --no-adaptive_kl --learning_rate 1e-4 --max_iters 60 \
+        --eval_interval 5 --probe_n 50 --out_dir runs/part08_overopt    # reward over-optimisation (~7 minutes)
     python part08_ppo/train.py --help
 """
 import json
