@@ -61,7 +61,7 @@ class TrainConfig:
     # the rollout
     rollout_size: int = field(default=256, metadata={"help": "answers per iteration (group_size per prompt)",
                                                      "min": 1})
-    group_size: int = field(default=8, metadata={"help": "G: answers sampled per prompt", "min": 2})
+    group_size: int = field(default=4, metadata={"help": "G: answers sampled per prompt", "min": 2})
     replay_fraction: float = field(default=0.0, metadata={"help": "share of each rollout's prompts drawn from the "
                                                                   "other tasks, rewarded by their own verifiers, "
                                                                   "against forgetting them (0 = none)", "min": 0,
