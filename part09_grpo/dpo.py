@@ -41,9 +41,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from part06_sft.eval import evaluate, heldout_examples, load_policy, stop_tokens
-from part06_sft.template import encode_prompt, encode_text, has_chat_tokens, left_pad
+from part06_sft.template import encode_text, has_chat_tokens
 from part07_reward.score import clean_response, right_pad, sequence_ids
-from part07_reward.train import Pair, handmade_pairs, onpolicy_pairs
+from part07_reward.train import Pair, accuracy_by, handmade_pairs, onpolicy_pairs
+from part09_grpo.train import prompt_for, response_logprobs, rollout
 from shared.checkpoint import atomic_save, check_fresh_run_dir, lock_run_dir
 from shared.config import check_bounds, parse_config, run_cli
 from shared.device import autocast, pick_device
@@ -218,52 +219,22 @@ def first_per_task(pairs: list[Pair], n: int) -> list[Pair]:
 # --- The evaluation: implicit-reward accuracy, and how far the policy moved (KL) --------------------------------
 
 
-def accuracy_by(pairs: list[Pair], correct: torch.Tensor, key) -> dict:
-    groups = defaultdict(list)
-    for p, c in zip(pairs, correct.tolist()):
-        groups[key(p)].append(c)
-    return {k: dict(accuracy=round(sum(v) / len(v), 4), n=len(v)) for k, v in groups.items()}
-
-
-@torch.no_grad()
-def sample_responses(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
-                     batch_size: int = 64) -> list[list[int]]:
-    """Sampled answer ids for each prompt, up to and including the first stop token (part 6's eval stops at
-    it: <|end|>, another special token or a newline). Part 6's generate_answers, keeping the ids instead of
-    the text: the KL needs the exact tokens the policy sampled (decoding and re-encoding could change them)."""
-    device = next(model.parameters()).device
-    stops = stop_tokens(tokenizer).to(device)
-    answers = []
-    for start in range(0, len(prompts), batch_size):
-        ids, padding_mask = left_pad(prompts[start : start + batch_size], tokenizer.eot_token)
-        new, done = [], torch.zeros(ids.size(0), dtype=torch.bool, device=device)
-        for token in model.stream(ids.to(device), max_new_tokens, temperature=temperature,
-                                  padding_mask=padding_mask.to(device)):
-            new.append(token[:, 0])
-            done |= stops[token[:, 0]]
-            if done.all():
-                break
-        for row in torch.stack(new, dim=1).tolist():
-            end = next((t for t, tok in enumerate(row) if stops[tok]), len(row) - 1)
-            answers.append(row[: end + 1])
-    return answers
-
-
 @torch.no_grad()
 def sampled_kl(policy, reference, tokenizer, examples: list, max_new_tokens: int, device: str,
                batch_size: int = 64) -> float:
     """KL(pi || pi_ref) per answer, estimated on the policy's own samples (temperature 1, one per prompt):
     the mean over answers y ~ pi of log pi(y|x) - log pi_ref(y|x), summed over the answer's tokens. (The
     unbiased Monte Carlo estimate of the sequence-level KL; a single sample can be negative, the mean is not
-    in expectation.) It is the distance DPO's beta trades the reward against, measured as parts 8 and 9 do."""
-    max_len = policy.config.block_size - max_new_tokens
-    prompts = [encode_prompt(tokenizer, ex.prompt)[-max_len:] for ex in examples]
-    answers = sample_responses(policy, tokenizer, prompts, max_new_tokens, 1.0, batch_size)
+    in expectation.) It is the distance DPO's beta trades the reward against, measured with train.py's
+    rollout exactly as parts 8 and 9 measure it."""
+    stops = stop_tokens(tokenizer).to(device)
+    prompts = [prompt_for(tokenizer, ex, max_new_tokens, policy.config.block_size) for ex in examples]
     total = 0.0
     for start in range(0, len(prompts), batch_size):
-        chunk = range(start, min(start + batch_size, len(prompts)))
-        batch = answer_batch([(prompts[i] + answers[i], len(answers[i])) for i in chunk], tokenizer.eot_token, device)
-        total += (sequence_logprobs(policy, *batch) - sequence_logprobs(reference, *batch)).sum().item()
+        roll = rollout(policy, prompts[start : start + batch_size], max_new_tokens, 1.0, stops, tokenizer.eot_token)
+        ref_logprobs, _ = response_logprobs(reference(roll.ids, padding_mask=roll.padding_mask)[0], roll.ids,
+                                            roll.prompt_len, 1.0)
+        total += ((roll.logprobs - ref_logprobs) * roll.response_mask).sum().item()
     return total / len(prompts)
 
 
