@@ -10,7 +10,9 @@ https://arxiv.org/abs/2402.03300), once per iteration:
    divided by the group's std, the same for every token of the answer. A group whose answers all score
    the same (all right or all wrong) teaches nothing: its advantages are 0 (we count them);
 4. update: several epochs of minibatch steps on part 8's clipped surrogate objective, plus
-   beta x KL(pi || pi_ref) per token in the loss (the k3 estimator: unbiased and never negative).
+   beta x KL(pi || pi_ref) per token in the loss (the k3 estimator: unbiased and never negative), plus
+   gamma x the supervised loss on the other tasks' training answers (InstructGPT's PPO-ptx), so that
+   training one task does not make the model forget the others.
 Options from the papers that followed: Dr. GRPO (Liu et al. 2025, https://arxiv.org/abs/2503.20783: no std
 division, no length normalisation) and DAPO's token-level loss (Yu et al. 2025, https://arxiv.org/abs/2503.14476).
 Every few iterations the policy answers held-out prompts: the verifier's reward (the gold) is logged
@@ -38,7 +40,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from part06_sft.eval import evaluate, heldout_examples, load_policy, stop_tokens
-from part06_sft.template import encode_prompt, left_pad
+from part06_sft.template import collate, encode_example, encode_prompt, left_pad
 from part07_reward.score import REWARD_CKPT, load_reward_model, normalise, score_responses
 from part09_grpo.model import GPT
 from shared.checkpoint import atomic_save, check_fresh_run_dir, lock_run_dir
@@ -66,6 +68,11 @@ class TrainConfig:
                                                                   "other tasks, rewarded by their own verifiers, "
                                                                   "against forgetting them (0 = none)", "min": 0,
                                                           "max": 1})
+    ptx_coef: float = field(default=1.0, metadata={"help": "gamma: weight of a supervised loss on the other tasks' "
+                                                           "training answers, added to every step (InstructGPT's "
+                                                           "PPO-ptx), against forgetting them (0 = none)", "min": 0})
+    ptx_batch_size: int = field(default=32, metadata={"help": "examples of the other tasks per step of that loss",
+                                                      "min": 1})
     max_new_tokens: int = field(default=32, metadata={"help": "answer length limit, in tokens", "min": 1})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature; the log-probs of the ratio "
                                                               "and the KL use the same tempered distribution",
@@ -416,10 +423,14 @@ def train(cfg: TrainConfig):
     probe_examples = heldout_examples("heldout", cfg.probe_n, ",".join(tasks))
     generator = torch.Generator().manual_seed(cfg.seed)
     n_prompts = cfg.rollout_size // cfg.group_size
-    # Replay: answers to the other tasks' prompts are rewarded too, against forgetting them (InstructGPT mixes
-    # pretraining gradients into PPO, "PPO-ptx", for the same reason). See the README: at this scale it did not
-    # stop the forgetting.
+    # Replay: answers to the other tasks' prompts are rewarded too, against forgetting them. See the README: at
+    # this scale it did not stop the forgetting; the supervised loss below (ptx) did.
     n_replay = round(cfg.replay_fraction * n_prompts) if replay_examples else 0
+    # PPO-ptx (Ouyang et al. 2022, InstructGPT, https://arxiv.org/abs/2203.02155, eq. 2): every step also takes
+    # gamma x the supervised loss on a batch of the other tasks' training answers, the data part 6 learned them
+    # from. No rollout and no reward: it holds those tasks where SFT left them while RL moves the trained one.
+    ptx_data = [encode_example(tokenizer, ex.prompt, ex.gold) for ex in replay_examples] if cfg.ptx_coef else []
+    ptx_data = [xy for xy in ptx_data if len(xy[0]) <= block_size]
 
     # Before: part 6's evaluation of the SFT model
     gold_before = evaluate_policy(ref, tokenizer, cfg, tasks)
@@ -478,6 +489,12 @@ def train(cfg: TrainConfig):
                         cfg.clip_range, cfg.kl_coef, cfg.loss_agg, cfg.max_new_tokens)
                     entropy = masked_mean(-(logp_all.exp() * logp_all).sum(-1), mask[rows])
                     loss = loss - cfg.entropy_coef * entropy
+                    ptx_loss = torch.zeros((), device=device)
+                    if ptx_data:
+                        pick = torch.randint(len(ptx_data), (cfg.ptx_batch_size,), generator=generator).tolist()
+                        x, y = collate([ptx_data[i] for i in pick], tokenizer.eot_token)
+                        ptx_loss = model(x.to(device), y.to(device))[1]
+                        loss = loss + cfg.ptx_coef * ptx_loss
                     if not math.isfinite(loss.item()):
                         raise FloatingPointError(f"iteration {it}: the GRPO loss became {loss.item()}; nothing was "
                                                  "saved from this run; try a lower --learning_rate")
@@ -486,7 +503,8 @@ def train(cfg: TrainConfig):
                     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
                     optimizer.step()
                     stats.append(dict(loss=loss.item(), policy_loss=policy_loss.item(), kl_term=kl_term.item(),
-                                      entropy=entropy.item(), clip_fraction=clip_fraction.item(),
+                                      entropy=entropy.item(), ptx_loss=ptx_loss.item(),
+                                      clip_fraction=clip_fraction.item(),
                                       approx_kl=approx_kl.item(), grad_norm=grad_norm.item()))
                     if cfg.early_stop_kl and approx_kl.item() > cfg.early_stop_kl:
                         stop_early = True

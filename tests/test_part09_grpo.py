@@ -179,6 +179,39 @@ def test_groups_that_differ_move_the_policy(tiny_sft, tmp_path, monkeypatch):
     assert all(r["approx_kl"] > 1e-6 for r in steps)
 
 
+def sft_loss_on_other_tasks(ckpt: str, n: int = 64) -> float:
+    """Part 6's loss (answer tokens only) of a checkpoint on the first n training examples of the tasks that
+    are not 'date', computed here with part 6's own template, apart from the training loop."""
+    from part06_sft.template import collate, encode_example
+    from shared.tasks import TASKS, get_examples
+    policy, tokenizer, _ = load_policy(ckpt)
+    examples = [ex for t in TASKS if t != "date" for ex in get_examples("train", t)[: n // 8]]
+    x, y = collate([encode_example(tokenizer, ex.prompt, ex.gold) for ex in examples], tokenizer.eot_token)
+    with torch.no_grad():
+        return policy(x, y)[1].item()
+
+
+@pytest.mark.parametrize("ptx_coef", [0.0, 1.0])
+def test_ptx_loss_trains_the_other_tasks_and_nothing_else_moves_without_it(tiny_sft, tmp_path, ptx_coef):
+    """All groups are flat (a random model never answers a date) and beta = 0, so the RL loss has no gradient:
+    without ptx the policy stays exactly the SFT model; with ptx its supervised loss on the other tasks falls."""
+    out_dir = tmp_path / "run"
+    grpo.main(["--init_from", tiny_sft, "--out_dir", str(out_dir), "--tasks", "date", "--rollout_size", "8",
+               "--group_size", "4", "--minibatch_size", "4", "--ppo_epochs", "2", "--max_new_tokens", "4",
+               "--max_iters", "3", "--eval_interval", "3", "--probe_n", "1", "--eval_n", "1", "--eval_samples", "0",
+               "--eval_other_n", "0", "--learning_rate", "3e-3", "--kl_coef", "0", "--early_stop_kl", "0",
+               "--unfinished_penalty", "0", "--ptx_coef", str(ptx_coef), "--ptx_batch_size", "16", "--threads", "1"])
+    steps = [r for r in map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines()) if "score" in r]
+    assert all(r["zero_variance_fraction"] == 1.0 for r in steps)
+    before, after = sft_loss_on_other_tasks(tiny_sft), sft_loss_on_other_tasks(str(out_dir / "ckpt.pt"))
+    if ptx_coef == 0:
+        assert all(r["ptx_loss"] == 0 for r in steps)
+        assert after == before
+    else:
+        assert all(r["ptx_loss"] > 1 for r in steps)  # a random model's loss: about ln(vocab)
+        assert after < before - 0.1, (before, after)
+
+
 def test_bad_input(tmp_path, monkeypatch, capsys, tiny_sft):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="python part06_sft/train.py"):
