@@ -18,7 +18,7 @@ division, no length normalisation) and DAPO's token-level loss (Yu et al. 2025, 
 Every few iterations the policy answers held-out prompts: the verifier's reward (the gold) is logged
 against the KL to the reference. At the end, part 6's eval.py numbers before and after.
 
-    python part09_grpo/train.py                                   # the main run (~3.5 minutes on 2 CPU cores)
+    python part09_grpo/train.py                                   # the main run (minutes on 2 CPU cores; see the README)
     python part09_grpo/train.py --kl_coef 0 --out_dir runs/part09_beta0                  # ablation: no KL term
     python part09_grpo/train.py --no-scale_rewards --loss_agg constant --out_dir runs/part09_drgrpo  # Dr. GRPO
     python part09_grpo/train.py --ppo_epochs 1 --minibatch_size 256 --out_dir runs/part09_single  # one update
