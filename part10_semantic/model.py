@@ -5,6 +5,12 @@ Part 10's lessons (README) each live in their own script; the pieces they share 
   embedding is only one way to make one. Continuous thoughts feed the last hidden state back in as the next
   input (Hao et al. 2024, Coconut, https://arxiv.org/abs/2412.06769, thoughts.py), and a Large Concept Model
   reads sentence embeddings (Barrault et al. 2024, https://arxiv.org/abs/2412.08821, lcm.py).
+- GPTConfig(context_gate=True), NEW in part 10: context-aware queries and keys (Yang et al. 2019,
+  https://arxiv.org/abs/1902.05766): a context vector, the mean of the layer's inputs so far, is mixed into q
+  and k by a learned gate (ContextGate, causal_context).
+- GPTConfig(output_gate=True), NEW in part 10: gated attention (Qiu et al. 2025, https://arxiv.org/abs/2505.06708):
+  each head's output is multiplied by a sigmoid gate computed from the query token (OutputGate).
+  Both are off by default (the model is then part 9's, exactly); context_attention.py compares them.
 REMOVED in part 10: RewardModel and last_token_index (post-training, parts 7-9).
 
 Part 9's model: part 8's model without its critic: GRPO needs no value head.
@@ -72,6 +78,8 @@ class GPTConfig:
     n_sink: int = 0  # attention sinks: with a window, the first n_sink tokens stay visible forever
     norm: str = "rmsnorm"  # "rmsnorm" (Llama) or "layernorm" (GPT-2), kept to compare the two
     reference_ops: bool = False  # True: the written-out RMSNorm, RoPE and GQA instead of the fused ops (same outputs)
+    context_gate: bool = False  # NEW in part 10: context-aware q and k (Yang et al. 2019, ContextGate)
+    output_gate: bool = False  # NEW in part 10: a sigmoid gate on the attention output (Qiu et al. 2025, OutputGate)
 
 
 # --- Positional embeddings: RoPE --------------------------------------------------------------
@@ -151,6 +159,73 @@ def padding_attention_mask(mask: torch.Tensor, q_pos: torch.Tensor, k_pos: torch
     return (mask & key_valid[:, None, None, :]) | own
 
 
+# NEW in part 10 (Yang et al. 2019, https://arxiv.org/abs/1902.05766)
+def causal_context(x: torch.Tensor, valid: torch.Tensor | None = None, state: tuple | None = None):
+    """The context vector of every position: c_t = the mean of x_s over the real tokens s <= t. (B, T, C).
+
+    Yang et al.'s "global context" is the mean of the whole sequence, fine for a translation encoder, but in a
+    causal LM it would let position t read the tokens after it: the cumulative mean is its causal form.
+    valid (B, T): False for padding, which the mean skips (a position with no real token yet gets c = 0).
+    state: (sum (B, C), count (B, 1)) of the tokens before x, from the KV cache; returned updated, so that
+    generation one token at a time gives the same c_t as one pass over the whole text.
+    """
+    x32 = x.float()  # the running sum in float32, also under bf16 autocast
+    ones = torch.ones_like(x32[..., :1]) if valid is None else valid[..., None].to(x32.dtype)  # (B, T, 1)
+    sums, counts = (x32 * ones).cumsum(dim=1), ones.cumsum(dim=1)  # (B, T, C), (B, T, 1)
+    if state is not None:
+        sums, counts = sums + state[0][:, None], counts + state[1][:, None]
+    context = sums / counts.clamp(min=1)
+    return context.type_as(x), (sums[:, -1], counts[:, -1])
+
+
+# NEW in part 10 (Yang et al. 2019, https://arxiv.org/abs/1902.05766, Eqs. 5-6)
+class ContextGate(nn.Module):
+    """Context-aware queries (or keys): h_hat = (1 - lam) * h + lam * (c U), lam = sigmoid(h v_H + (c U) v_C).
+
+    h (B, T, dim) are the queries (or keys) of all heads together, c (B, T, n_embd) the context vector. U maps
+    the context into the query (key) space; lam is one number per position: how much of the context to mix in.
+    Attention scores q_hat . k_hat then depend on the context as well as on the two tokens.
+    """
+
+    def __init__(self, n_embd: int, dim: int):
+        super().__init__()
+        self.context_map = nn.Linear(n_embd, dim, bias=False)  # U
+        self.score_own = nn.Linear(dim, 1, bias=False)  # v_H: the token's vote for the context
+        self.score_context = nn.Linear(dim, 1, bias=False)  # v_C: the context's vote
+
+    def mix_weight(self, h, context_mapped):
+        """lam (B, T, 1) from h and c U."""
+        return torch.sigmoid(self.score_own(h) + self.score_context(context_mapped))
+
+    def forward(self, h, context):
+        context_mapped = self.context_map(context)  # c U: (B, T, dim)
+        lam = self.mix_weight(h, context_mapped)
+        return (1 - lam) * h + lam * context_mapped
+
+
+# NEW in part 10 (Qiu et al. 2025, https://arxiv.org/abs/2505.06708, gate G1)
+class OutputGate(nn.Module):
+    """Gated attention: y <- y * sigmoid(x W_theta), elementwise, after SDPA and before the output projection.
+
+    x (B, T, n_embd) is the attention's input (after the pre-norm), so the gate is query-dependent: each token
+    decides, channel by channel (so head by head), how much of what its heads read to let through. Qiu et al.
+    find this the best of 30 variants: it adds a non-linearity between the value and output projections (two
+    linear maps otherwise), and its scores become sparse, so a head that has nothing to add can output ~0
+    instead of dumping its attention on the first token (the "attention sink").
+    Starts near sigmoid(0) = 1/2: W_theta is initialised like every Linear (std 0.02), so y starts halved.
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.w_theta = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+
+    def scores(self, x):
+        return torch.sigmoid(self.w_theta(x))  # (B, T, n_embd): one gate per head channel
+
+    def forward(self, y, x):
+        return y * self.scores(x)
+
+
 class MultiHeadAttention(nn.Module):
     """Causal self-attention with rotary positions and grouped-query heads.
 
@@ -172,20 +247,39 @@ class MultiHeadAttention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_size, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        # NEW in part 10: the gates of context_attention.py, None (no parameters) when off
+        kv_dim = self.n_kv_head * self.head_size
+        self.context_q = ContextGate(config.n_embd, config.n_embd) if config.context_gate else None
+        self.context_k = ContextGate(config.n_embd, kv_dim) if config.context_gate else None
+        self.output_gate = OutputGate(config) if config.output_gate else None
 
-    def forward(self, x, pos, cos, sin, kv_cache=None, mask=None, key_valid=None):
-        """x (B, T, C) at positions pos (T,); cos, sin: their RoPE angles. mask (T, T) or (B, 1, T, T) bool:
-        which keys each query may see; None = causal. kv_cache: one layer's cache (below) when generating;
-        key_valid (B, T): which new tokens are real (not padding), remembered by the cache."""
+    # NEW in part 10: q, k, v in a method of their own, so context_attention.py can compute the attention weights
+    def heads(self, x, cos, sin, kv_cache=None, key_valid=None):
+        """x (B, T, C) -> q (B, n_head, T, head_size), k and v (B, n_kv_head, T, head_size), rotated by RoPE.
+        With context_gate, q and k are first made context-aware; the running context is kept in kv_cache."""
         B, T, C = x.size()
         q, k, v = self.qkv(x).split([self.n_head * self.head_size, self.n_kv_head * self.head_size,
                                      self.n_kv_head * self.head_size], dim=2)
+        if self.context_q is not None:  # NEW in part 10 (Yang et al. 2019)
+            state = None if kv_cache is None else kv_cache.context
+            context, state = causal_context(x, key_valid, state)  # (B, T, C)
+            if kv_cache is not None:
+                kv_cache.context = state
+            q, k = self.context_q(q, context), self.context_k(k, context)
         # split channels into heads: (B, T, heads * head_size) -> (B, heads, T, head_size)
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)
         k = k.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)
         rope = apply_rope if self.reference_ops else apply_rope_complex  # the same rotation either way
         q, k = rope(q, cos, sin), rope(k, cos, sin)  # positions enter here, and only here
+        return q, k, v
+
+    def forward(self, x, pos, cos, sin, kv_cache=None, mask=None, key_valid=None):
+        """x (B, T, C) at positions pos (T,); cos, sin: their RoPE angles. mask (T, T) or (B, 1, T, T) bool:
+        which keys each query may see; None = causal. kv_cache: one layer's cache (below) when generating;
+        key_valid (B, T): which new tokens are real (not padding), remembered by the cache."""
+        B, T, C = x.size()
+        q, k, v = self.heads(x, cos, sin, kv_cache, key_valid)
         # NEW in part 3: the KV cache (below). Store the new keys and values, attend over all the cached ones
         if kv_cache is not None:
             k, v, k_pos, k_valid = kv_cache.update(k, v, pos, key_valid)
@@ -201,6 +295,8 @@ class MultiHeadAttention(nn.Module):
         # place, without the copies above. mask None: plain causal, built inside without materialising (T, T).
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # concatenate the heads again
+        if self.output_gate is not None:  # NEW in part 10 (Qiu et al. 2025): gate each head's output by the query
+            y = self.output_gate(y, x)
         return self.dropout(self.proj(y))
 
 
@@ -223,6 +319,7 @@ class GrowingKVCache:
         self.k = self.v = self.pos = self.valid = None
         self.window, self.n_sink = window, n_sink
         self.seen = 0  # tokens processed so far: the position of the next one
+        self.context = None  # NEW in part 10: (sum, count) of the inputs so far, for context_gate
 
     def update(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor | None = None):
         """Append the keys and values (B, n_kv_head, T, head_size) of the new positions pos (T,), and which of
@@ -265,6 +362,7 @@ class KVCache:
         self.slot_pos = torch.full((capacity,), self.EMPTY, dtype=torch.long, device=device)  # position per slot
         self.slot_valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)  # NEW: real, not padding
         self.seen = 0  # tokens processed so far: the position of the next one
+        self.context = None  # NEW in part 10: (sum, count) of the inputs so far, for context_gate
 
     def update(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor | None = None):
         """Store the keys and values (B, n_kv_head, T, head_size) of the new positions pos (T,), and which of
@@ -550,7 +648,8 @@ class GPT(nn.Module):
         if kv_cache is None and padding_mask is not None:  # NEW in part 6: hide the padding keys
             causal = mask if mask is not None else attention_mask(pos, pos)
             mask = padding_attention_mask(causal, pos, pos, padding_mask)  # (B, 1, T, T)
-        key_valid = padding_mask if kv_cache is not None else None  # with a cache, each layer's cache keeps it
+        # with a cache, each layer's cache keeps it; NEW in part 10: context_gate's mean skips the padding too
+        key_valid = padding_mask
         x = self.drop(x)  # (B, T, n_embd): no position embedding added
         for i, block in enumerate(self.blocks):
             x = block(x, pos, cos, sin, None if kv_cache is None else kv_cache[i], mask=mask, key_valid=key_valid)
