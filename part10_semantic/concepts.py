@@ -71,8 +71,8 @@ DEFAULT_CKPT = "runs/part10_semantic/concepts/ckpt.pt"
 class Scene:
     """One scene of a play, its sentences in order.
 
-    The sentence units are the verse lines of the scene's speeches: the corpus's natural short unit (the LCM paper
-    splits its text into sentences of at most 200 characters; a verse line has 5-10 words), and a scene is one
+    The sentence units are the verse lines of the scene's speeches, the corpus's natural short unit (the LCM paper
+    splits its documents into sentences with a length cap; a verse line has 5-10 words), and a scene is one
     document for the LCM."""
 
     play: str
@@ -681,7 +681,8 @@ def semantic_space(space: ConceptSpace, scenes: list[Scene], cfg: ConceptsConfig
             keep = torch.tensor([label == name for label in labels])
             ax.scatter(xy[keep, 0], xy[keep, 1], s=5, alpha=0.6, color=f"C{i}", label=name, edgecolors="none")
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel("PC 1")
+        ax.set_xlabel(f"PC 1 (|correlation| with the line's length: {out['pc1_length_correlation']:.2f})"
+                      if z is z_play else "PC 1")
         ax.set_ylabel("PC 2")
         ax.legend(fontsize=7, markerscale=3)
     fig.suptitle(f"{space.name} concept space (dim {space.dim}), 2-D PCA of sentence embeddings", fontsize=10)

@@ -236,7 +236,7 @@ def coconut_sequence(p: Problem, stage: int, c: int) -> Sequence:
 @dataclass
 class Encoded:
     """One method's sequences for a set of problems, as tensors. Every problem has the same length here (one digit
-    per value, one letter per name), so a batch needs no padding and all thoughts sit at the same positions."""
+    per number), so a batch needs no padding and all thoughts sit at the same positions."""
 
     ids: torch.Tensor  # (N, T)
     targets: torch.Tensor  # (N, T - 1): ids[:, 1:], with IGNORE_INDEX where the prompt is being predicted
@@ -269,9 +269,9 @@ def continuous_forward(model: GPT, idx: torch.Tensor, thought_start: int, n_thou
     alone (its input: the previous pass's last hidden state); the last pass runs the last thought together with the
     rest of the sequence. The cache keeps the autograd graph, so the loss on the answer back-propagates through every
     thought into the prefix. kv_cache: bring your own to keep generating afterwards (growing=True)."""
+    if n_thoughts == 0:  # a plain sequence: one ordinary pass
+        return model.hidden_states(idx, kv_cache)
     cache = kv_cache if kv_cache is not None else model.new_kv_cache(idx.size(0), growing=True)
-    if n_thoughts == 0:
-        return model.hidden_states(idx, cache)
     embeds = model.wte(idx)  # (B, T, n_embd); the placeholders' own embeddings are never used
     rest = embeds[:, thought_start + n_thoughts :]
     hidden = [model.hidden_states(None, cache, inputs_embeds=embeds[:, :thought_start])]  # through <bot>
@@ -469,7 +469,7 @@ def plot_losses(step_losses: dict, stage_starts: dict, path: Path):
 
 
 def plot_thoughts(analyses: list[dict], path: Path):
-    """For each c: how often thought j's top digit is the value of step s (the decode_thoughts matrix)."""
+    """For each c, at one stage: how often thought j's top digit is the value of step s (decode_thoughts' matrix)."""
     fig = Figure(figsize=(3.2 * len(analyses), 3.4), dpi=120)
     axes = fig.subplots(1, len(analyses), squeeze=False)[0]
     for ax, a in zip(axes, analyses):
@@ -480,7 +480,8 @@ def plot_thoughts(analyses: list[dict], path: Path):
                 ax.text(s, j, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < 0.5 else "k")
         ax.set_xticks(range(len(m[0])), [f"step {s + 1}" for s in range(len(m[0]))], fontsize=7)
         ax.set_yticks(range(len(m)), [f"thought {j + 1}" for j in range(len(m))], fontsize=7)
-        ax.set_title(f"c={a['c']}: top digit of the thought = step's value", fontsize=8)
+        ax.set_title(f"c={a['c']}, stage {a['stage']} (accuracy {a['accuracy']:.2f}):\ntop digit of the thought = "
+                     "the step's value", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -508,7 +509,8 @@ def run(cfg: ThoughtsConfig, argv: list[str] | None = None) -> dict:
           f"{example.question()} -> {''.join(example.steps())} {example.answer()}")
 
     def sets(make):
-        return encode_sequences([make(p) for p in train_problems]), encode_sequences([make(p) for p in heldout_problems])
+        return (encode_sequences([make(p) for p in train_problems]),
+                encode_sequences([make(p) for p in heldout_problems]))
 
     layouts = {"no_cot": sets(no_cot_sequence), "cot": sets(cot_sequence),
                "pause": sets(lambda p: pause_sequence(p, n_pause))}
@@ -519,8 +521,8 @@ def run(cfg: ThoughtsConfig, argv: list[str] | None = None) -> dict:
 
     results: dict = {"task_example": {"question": example.question(), "steps": example.steps(),
                                       "answer": example.answer()}, "pause_tokens": n_pause,
-                     "tokens_per_answer_counts": "every position after the question: <pause>s, or <bot> thoughts <eot>, "
-                                                 "then the generated tokens up to and including <end>"}
+                     "tokens_per_answer_counts": "every position after the question: <pause>s, or <bot> thoughts "
+                                                 "<eot>, then the generated tokens up to and including <end>"}
     step_losses, stage_starts, curves, analyses, models = {}, {}, {}, [], {}
     with MetricsLogger(out_dir) as logger:
         # the three baselines: one model each, trained from scratch on its own format
@@ -537,8 +539,8 @@ def run(cfg: ThoughtsConfig, argv: list[str] | None = None) -> dict:
             results[f"val_loss_{name}"] = round(scores["val_loss"], 4)
             results[f"seconds_{name}"] = round(time.perf_counter() - t0, 1)
             models[name] = model
-            tqdm.write(f"{name:12s}: accuracy {scores['accuracy']:.3f}, {scores['positions']:.1f} positions per answer, "
-                       f"{results[f'seconds_{name}']:.0f} s")
+            tqdm.write(f"{name:12s}: accuracy {scores['accuracy']:.3f}, {scores['positions']:.1f} positions per "
+                       f"answer, {results[f'seconds_{name}']:.0f} s")
         cot_point = dict(stage=0, accuracy=results["accuracy_cot"], positions=results["tokens_per_answer_cot"])
 
         # Coconut: from the CoT model (stage 0), stage k replaces the first k steps by k * c thoughts
@@ -559,27 +561,30 @@ def run(cfg: ThoughtsConfig, argv: list[str] | None = None) -> dict:
                                       positions=round(scores["positions"], 2), val_loss=round(scores["val_loss"], 4)))
                 tqdm.write(f"{run_name} stage {stage}: {stage * c} thoughts + {cfg.n_steps - stage} written steps: "
                            f"accuracy {scores['accuracy']:.3f}, {scores['positions']:.1f} positions per answer")
+                if cfg.analysis:  # what the thoughts of this stage decode to
+                    analyses.append(dict(stage=stage, accuracy=curves[c][-1]["accuracy"],
+                                         **decode_thoughts(model, heldout, heldout_problems, c)))
             final = curves[c][-1]
             results[f"accuracy_{run_name}"] = final["accuracy"]
             results[f"tokens_per_answer_{run_name}"] = final["positions"]
             results[f"val_loss_{run_name}"] = final["val_loss"]
             results[f"seconds_{run_name}"] = round(time.perf_counter() - t0, 1)
             models[run_name] = model
-            if cfg.analysis:
-                analyses.append(decode_thoughts(model, layouts[f"{run_name}_stage{cfg.n_steps}"][1],
-                                                heldout_problems, c))
 
     results["coconut_stages"] = {f"c{c}": points for c, points in curves.items()}
     if analyses:
         results["thought_analysis"] = analyses
-        plot_thoughts(analyses, out_dir / "thoughts.png")
+        # for each c, the stage whose answers were most often right (the later one on a tie): its thoughts work best
+        best = [max((a for a in analyses if a["c"] == c), key=lambda a: (a["accuracy"], a["stage"])) for c in cs]
+        plot_thoughts(best, out_dir / "thoughts.png")
     plot_accuracy(results, curves, out_dir / "accuracy.png")
     plot_losses(step_losses, stage_starts, out_dir / "loss.png")
     atomic_save({"kind": "coconut_thoughts", "config": asdict(cfg), "vocab": VOCAB, "block_size": block_size,
                  "models": {name: m.state_dict() for name, m in models.items()}}, out_dir / "ckpt.pt")
     results["seconds"] = round(time.perf_counter() - start, 1)
     results["config"] = asdict(cfg)
-    results["command"] = shlex.join(["python", "part10_semantic/thoughts.py", *(sys.argv[1:] if argv is None else argv)])
+    flags = sys.argv[1:] if argv is None else argv
+    results["command"] = shlex.join(["python", "part10_semantic/thoughts.py", *flags])
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
 
     print(f"\n{'method':14s} {'accuracy':>9s} {'positions/answer':>17s}")

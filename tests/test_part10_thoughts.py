@@ -213,6 +213,18 @@ def test_thought_positions_get_no_loss_and_the_gradient_flows_through_the_though
                        hidden.detach())
 
 
+def test_new_markers_start_as_a_copy_of_the_step_separator():
+    """As the reference code starts <bot>, <eot> and the latent token from a known token's embedding."""
+    model = tiny_model()
+    semicolon = model.wte.weight[th.TOKEN_ID[";"]].detach().clone()
+    assert not torch.equal(model.wte.weight[th.TOKEN_ID["<bot>"]], semicolon)
+    th.init_thought_markers(model)
+    for token in ("<bot>", "<eot>", "<thought>"):
+        assert torch.equal(model.wte.weight[th.TOKEN_ID[token]], semicolon)
+        assert torch.equal(model.lm_head.weight[th.TOKEN_ID[token]], semicolon)  # tied head
+    assert torch.equal(model.wte.weight[th.TOKEN_ID[";"]], semicolon)
+
+
 def test_generate_continues_exactly_as_a_full_forward_would():
     model, enc = tiny_model(seed=3), batch(stage=1, c=2, n=4, seed=1)
     prompt = enc.ids[:, : enc.n_prompt]
