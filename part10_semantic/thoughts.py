@@ -27,9 +27,9 @@ update per written step. Six methods, each a GPT from model.py, evaluated on hel
 4. Coconut with c = 1, 2, 3 thoughts per replaced step, each starting from the CoT model (its stage 0), as the paper's
    GSM8k run starts from its CoT checkpoint.
 
-    python part10_semantic/thoughts.py             # everything (~5 minutes on 2 CPU cores)
-    python part10_semantic/thoughts.py --thoughts_per_step 1 --stage_iters 2000 --final_stage_iters 2000 \
-        --out_dir runs/part10_semantic/thoughts_long     # Coconut c = 1 with longer stages
+    python part10_semantic/thoughts.py             # everything (~5 minutes on one CPU core)
+    python part10_semantic/thoughts.py --thoughts_per_step 3 --final_stage_iters 3000 \
+        --out_dir runs/part10_semantic/thoughts_c3_long  # Coconut c = 3 with a 5x longer last stage (~8 minutes)
     python part10_semantic/thoughts.py --help
 """
 from __future__ import annotations
@@ -574,9 +574,11 @@ def run(cfg: ThoughtsConfig, argv: list[str] | None = None) -> dict:
     results["coconut_stages"] = {f"c{c}": points for c, points in curves.items()}
     if analyses:
         results["thought_analysis"] = analyses
-        # for each c, the stage whose answers were most often right (the later one on a tie): its thoughts work best
-        best = [max((a for a in analyses if a["c"] == c), key=lambda a: (a["accuracy"], a["stage"])) for c in cs]
-        plot_thoughts(best, out_dir / "thoughts.png")
+        # for each c, the last stage that still answers at least half of the problems (its thoughts carry something),
+        # else the last stage
+        shown = [next((a for a in reversed(analyses) if a["c"] == c and a["accuracy"] >= 0.5),
+                      next(a for a in reversed(analyses) if a["c"] == c)) for c in cs]
+        plot_thoughts(shown, out_dir / "thoughts.png")
     plot_accuracy(results, curves, out_dir / "accuracy.png")
     plot_losses(step_losses, stage_starts, out_dir / "loss.png")
     atomic_save({"kind": "coconut_thoughts", "config": asdict(cfg), "vocab": VOCAB, "block_size": block_size,
