@@ -29,7 +29,9 @@ This lesson builds the interface the LCM needs, with two backends:
   virtual environment (fairseq2 pins its own torch): pip install -r requirements-sonar.txt; its weights (several
   GB) download on first use. Without them it fails with a message saying so.
 
-    python part10_semantic/concepts.py               # trains mini-SONAR (~4 minutes on 2 CPU cores), then reports
+    python part10_semantic/concepts.py               # trains mini-SONAR, then reports (~4 min on 2 idle cores, 6 on 1)
+    python part10_semantic/concepts.py --max_iters 4000 --out_dir runs/part10_semantic/concepts_long   # better, 4x
+    python part10_semantic/concepts.py --backend sonar                  # the real SONAR (its own environment)
     python part10_semantic/concepts.py --help
 
 Reports on held-out scenes (whole scenes the auto-encoder never saw): reconstruction exact match and character
