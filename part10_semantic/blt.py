@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 from part10_semantic.model import GPT, Block, GPTConfig, RMSNorm, attention_mask, rope_angles
 from shared.checkpoint import atomic_save, check_fresh_run_dir, lock_run_dir
-from shared.config import check_bounds, parse_config, run_cli
+from shared.config import check_bounds, parse_config, parse_int_list, run_cli
 from shared.data import load_text, train_val_split
 from shared.device import pick_device
 from shared.metrics import MetricsLogger
@@ -120,11 +120,10 @@ class BLTConfig:
     out_dir: str = "runs/part10_semantic/blt"
 
 
-def parse_ints(text: str, flag: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--{flag} must be comma-separated integers, got {text!r}") from None
+def parse_ngram_sizes(text: str) -> list[int]:
+    """--ngram_sizes; "" (none) is the ablation without hash n-grams."""
+    return parse_int_list(text, "ngram_sizes", minimum=2, allow_empty=True,
+                          what="n-gram sizes", why=" (single bytes have their own table)")
 
 
 def parse_variants(text: str) -> list[str]:
@@ -138,8 +137,7 @@ def parse_variants(text: str) -> list[str]:
 def check_config(cfg: BLTConfig) -> None:
     check_bounds(cfg)
     parse_variants(cfg.variants)
-    if any(n < 2 for n in parse_ints(cfg.ngram_sizes, "ngram_sizes")):
-        raise ValueError(f"--ngram_sizes must be >= 2 (single bytes have their own table), got {cfg.ngram_sizes!r}")
+    parse_ngram_sizes(cfg.ngram_sizes)
     for prefix in ("entropy_", "local_", "global_", "baseline_"):
         d, h = getattr(cfg, prefix + "n_embd"), getattr(cfg, prefix + "n_head")
         if d % h or (d // h) % 2:
@@ -336,7 +334,7 @@ class LocalEncoder(LocalModel):
         super().__init__(cfg, cfg.encoder_layers)
         C = cfg.local_n_embd
         self.wte = nn.Embedding(256, C)
-        self.ngram_sizes, self.hash_vocab = parse_ints(cfg.ngram_sizes, "ngram_sizes"), cfg.hash_vocab
+        self.ngram_sizes, self.hash_vocab = parse_ngram_sizes(cfg.ngram_sizes), cfg.hash_vocab
         self.hash_tables = nn.ModuleList(nn.Embedding(cfg.hash_vocab, C) for _ in self.ngram_sizes)
         self.pool_proj = nn.Linear(C, self.k * C, bias=False)  # a pooled patch -> its k initial queries
 

@@ -57,7 +57,7 @@ from part04_scaling.bpe import (DEFAULT_SPECIAL_TOKENS, GPT4_SPLIT_PATTERN, Pair
                                 split_on_specials, training_chunks)
 from part04_scaling.bpe import train as train_bpe
 from shared.checkpoint import lock_run_dir
-from shared.config import parse_config, run_cli
+from shared.config import parse_config, parse_int_list, run_cli
 from shared.data import load_text, train_val_split
 
 # --- 1. Which pre-tokens may join ---------------------------------------------------------------------------
@@ -571,13 +571,10 @@ class BoundlessConfig:
 
 
 def parse_sizes(text: str) -> list[int]:
-    try:
-        sizes = sorted({int(s) for s in text.split(",") if s.strip()})
-    except ValueError:
-        raise ValueError(f"--vocab_sizes must be comma-separated integers, got {text!r}") from None
-    if not sizes or sizes[0] < 257:
-        raise ValueError(f"--vocab_sizes must list vocabulary sizes >= 257 (256 bytes + <|endoftext|>), got {text!r}")
-    return sizes
+    """--vocab_sizes, sorted and without repeats."""
+    return sorted(set(parse_int_list(text, "vocab_sizes", minimum=257,
+                                     what="vocabulary sizes",
+                                     why=" (256 bytes + <|endoftext|>)")))
 
 
 def check_config(cfg: BoundlessConfig) -> None:

@@ -50,7 +50,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from shared.checkpoint import atomic_save, check_fresh_run_dir, lock_run_dir
-from shared.config import check_bounds, parse_config, run_cli
+from shared.config import check_bounds, parse_config, parse_int_list, run_cli
 from shared.metrics import MetricsLogger
 
 
@@ -106,19 +106,9 @@ class HyperbolicConfig:
     out_dir: str = "runs/part10_semantic/hyperbolic"
 
 
-def parse_dims(text: str) -> list[int]:
-    try:
-        dims = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--dims must be comma-separated integers, got {text!r}") from None
-    if not dims or min(dims) < 1:
-        raise ValueError(f"--dims must list dimensions >= 1, got {text!r}")
-    return dims
-
-
 def check_config(cfg: HyperbolicConfig) -> None:
     check_bounds(cfg)
-    parse_dims(cfg.dims)
+    parse_int_list(cfg.dims, "dims", what="dimensions")
     if cfg.burnin_epochs > cfg.epochs:
         raise ValueError(f"--burnin_epochs {cfg.burnin_epochs} is more than --epochs {cfg.epochs}")
     if cfg.attn_n_embd % cfg.attn_n_head:
@@ -739,7 +729,7 @@ def run(cfg: HyperbolicConfig) -> dict:
     check_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    dims = parse_dims(cfg.dims)
+    dims = parse_int_list(cfg.dims, "dims", what="dimensions")
     out_dir = Path(cfg.out_dir)
     run_lock = lock_run_dir(out_dir)  # noqa: F841  (held until the process ends: one run per out_dir)
     check_fresh_run_dir(out_dir, cfg.overwrite, resumable=False)

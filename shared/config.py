@@ -97,6 +97,19 @@ def parse_config(config_cls, argv: list[str] | None = None, description: str | N
 EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError, ImportError)
 
 
+def parse_int_list(text: str, flag: str, minimum: int = 1, what: str = "integers", why: str = "",
+                   allow_empty: bool = False) -> list[int]:
+    """A comma-separated flag value such as `--dims 2,5,10` -> [2, 5, 10]. A bad one gets a one-line message that
+    names the flag: "--dims must be comma-separated integers, got '2,x'" or "--dims must list dimensions >= 1"."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--{flag} must be comma-separated integers, got {text!r}") from None
+    if (not values and not allow_empty) or any(v < minimum for v in values):
+        raise ValueError(f"--{flag} must list {what} >= {minimum}{why}, got {text!r}")
+    return values
+
+
 def run_cli(main, argv: list[str] | None = None):
     """Call main(argv); an expected error prints "error: <message>" to stderr and exits with status 1."""
     try:

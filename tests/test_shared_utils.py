@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from shared.config import build_parser, parse_config
+from shared.config import build_parser, parse_config, parse_int_list
 from shared.device import autocast, pick_device, supports_dtype
 from shared.diff import chapter_diff
 from shared.metrics import MetricsLogger, _log_ticks, _smooth, plot_loss, read_metrics, read_steps
@@ -42,6 +42,19 @@ def test_config_rejects_bad_values(capsys):
     with pytest.raises(SystemExit):
         parse_config(Cfg, ["--batch_size", "four"])
     assert "invalid int value" in capsys.readouterr().err
+
+
+def test_parse_int_list_reads_comma_separated_values_and_names_the_flag_when_wrong():
+    assert parse_int_list(" 2, 5,10 ,", "dims") == [2, 5, 10]
+    assert parse_int_list("", "ngram_sizes", minimum=2, allow_empty=True) == []
+    with pytest.raises(ValueError, match=r"^--dims must be comma-separated integers, got '2,x'$"):
+        parse_int_list("2,x", "dims")
+    with pytest.raises(ValueError, match=r"^--dims must list dimensions >= 1, got '3,0'$"):
+        parse_int_list("3,0", "dims", what="dimensions")
+    with pytest.raises(ValueError, match=r"--vocab_sizes must list vocabulary sizes >= 257 \(256 bytes\), got '300,256'"):
+        parse_int_list("300,256", "vocab_sizes", minimum=257, what="vocabulary sizes", why=" (256 bytes)")
+    with pytest.raises(ValueError, match="must list integers >= 1"):
+        parse_int_list(" , ", "sizes")  # nothing in it, and it may not be empty
 
 
 def test_metrics_logger_writes_jsonl_and_plot(tmp_path):
