@@ -5,6 +5,8 @@ Three ways to generate the same greedy text, one token at a time (batch 1):
   full-attention model, as in part 2; the whole text for a sliding-window one);
 - rolling cache: model.new_kv_cache(1), n_sink + window slots, the same size however long we go;
 - growing cache: one slot per token of the text (capacity = prompt + new tokens), as a plain KV cache.
+Beside them, the yardstick: part 2's default model (random init; timings do not depend on the weights)
+generating with its own `generate`, which re-runs the last block_size tokens for every new one.
 The two caches compute the same thing and give the same tokens; they differ in memory, which we
 report as the bytes of the cache tensors (KVCache.nbytes): at a few MiB, the process's resident
 memory moves more with the allocator's whims than with the cache. We alternate the modes over
@@ -32,6 +34,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 from tqdm import tqdm
 
+from part02_tiny_llm.model import GPT as Part2GPT
+from part02_tiny_llm.model import GPTConfig as Part2Config
+from part02_tiny_llm.train import TrainConfig as Part2TrainConfig
 from part03_modern.eval_long_context import with_attention
 from part03_modern.generate import load_model, prompt_tensor
 from part03_modern.model import GPT, GPTConfig
@@ -59,6 +64,7 @@ class BenchConfig:
 
 
 MODES = ("no cache", "rolling cache", "growing cache")
+PART2 = "part 2"  # part 2's default model and its generate(): the speed part 3's generation should at least match
 
 
 def default_model_config() -> GPTConfig:
@@ -79,6 +85,23 @@ def build_model(cfg: BenchConfig, device: str) -> tuple[GPT, str]:
     if cfg.window_size is not None:  # a window has no parameters: same weights, new config
         model = with_attention(model, window_size=cfg.window_size)
     return model, source
+
+
+def part2_model(seed: int, device: str) -> Part2GPT:
+    """The model that `python part02_tiny_llm/train.py` builds with no flags (random weights)."""
+    train_cfg = Part2TrainConfig()
+    shared_fields = {f.name: getattr(train_cfg, f.name) for f in fields(Part2Config) if hasattr(train_cfg, f.name)}
+    torch.manual_seed(seed)
+    return Part2GPT(Part2Config(**shared_fields)).to(device).eval()
+
+
+def run_part2(model: Part2GPT, prompt: torch.Tensor, n_new: int, device: str) -> dict:
+    """Part 2's greedy generation of n_new tokens, timed."""
+    synchronize(device)
+    begin = time.perf_counter()
+    model.generate(prompt, n_new, temperature=0)
+    synchronize(device)
+    return dict(seconds=time.perf_counter() - begin)
 
 
 def kv_cache_for(model: GPT, mode: str, total_len: int):
@@ -104,13 +127,13 @@ def run_mode(model: GPT, prompt: torch.Tensor, n_new: int, mode: str, device: st
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| new tokens | " + " | ".join(f"{m} (tok/s)" for m in MODES)
-             + " | speedup (rolling / none) | rolling cache (KiB) | growing cache (KiB) |",
-             "|" + " ---: |" * (len(MODES) + 4)]
+    lines = ["| new tokens | " + " | ".join(f"{m} (tok/s)" for m in (*MODES, PART2))
+             + " | speedup (rolling / none) | rolling / part 2 | rolling cache (KiB) | growing cache (KiB) |",
+             "|" + " ---: |" * (len(MODES) + 6)]
     for row in rows:
-        rates = " | ".join(f"{row['tokens_per_sec'][m]:,.0f}" for m in MODES)
+        rates = " | ".join(f"{row['tokens_per_sec'][m]:,.0f}" for m in (*MODES, PART2))
         kib = " | ".join(f"{row['cache_kib'][m]:,.0f}" for m in MODES[1:])
-        lines.append(f"| {row['new_tokens']} | {rates} | {row['speedup']:.1f}x | {kib} |")
+        lines.append(f"| {row['new_tokens']} | {rates} | {row['speedup']:.1f}x | {row['vs_part2']:.2f}x | {kib} |")
     return "\n".join(lines)
 
 
@@ -118,10 +141,10 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     lengths = [row["new_tokens"] for row in rows]
     fig = Figure(figsize=(10, 4), dpi=120)
     speed_ax, memory_ax = fig.subplots(1, 2)
-    colors = {mode: f"C{i}" for i, mode in enumerate(MODES)}  # a mode keeps its colour in both panels
-    for mode in MODES:
+    colors = {mode: f"C{i}" for i, mode in enumerate((*MODES, PART2))}  # a mode keeps its colour in both panels
+    for mode in (*MODES, PART2):
         speed_ax.plot(lengths, [row["tokens_per_sec"][mode] for row in rows], marker="o", color=colors[mode],
-                      label=mode)
+                      label=mode, linestyle=":" if mode == PART2 else "-")
     for mode in MODES[1:]:
         memory_ax.plot(lengths, [row["cache_kib"][mode] for row in rows], marker="o", color=colors[mode], label=mode)
     speed_ax.set_ylabel("tokens / s (median)")
@@ -151,19 +174,23 @@ def main(argv=None) -> dict:
     device = pick_device(cfg.device)
     model, source = build_model(cfg, device)
     prompt = prompt_tensor(model, cfg.start)
+    part2 = part2_model(cfg.seed, device)  # byte-level too: the same prompt ids
     load_before = os.getloadavg()[0]  # timings are only as good as the machine is quiet: we record its load
     print(f"{source} | {model.num_params():,} parameters | window {model.config.window_size} | "
           f"block_size {model.config.block_size} | device {device} | threads {torch.get_num_threads()} | "
           f"load average {load_before:.2f}")
     for mode in MODES:
         run_mode(model, prompt, cfg.warmup, mode, device)
+    run_part2(part2, prompt, cfg.warmup, device)
 
-    runs = {(n, mode): [] for n in lengths for mode in MODES}
-    bar = tqdm(total=cfg.rounds * len(MODES) * sum(lengths), desc="generate", unit="tok", dynamic_ncols=True)
+    all_modes = (*MODES, PART2)
+    runs = {(n, mode): [] for n in lengths for mode in all_modes}
+    bar = tqdm(total=cfg.rounds * len(all_modes) * sum(lengths), desc="generate", unit="tok", dynamic_ncols=True)
     for r in range(cfg.rounds):
         for n in lengths:
-            for mode in MODES if r % 2 == 0 else reversed(MODES):  # alternate who goes first
-                runs[n, mode].append(run_mode(model, prompt, n, mode, device))
+            for mode in all_modes if r % 2 == 0 else reversed(all_modes):  # alternate who goes first
+                runs[n, mode].append(run_part2(part2, prompt, n, device) if mode == PART2
+                                     else run_mode(model, prompt, n, mode, device))
                 bar.update(n)
                 bar.set_postfix(mode=mode, tok_s=f"{n / runs[n, mode][-1]['seconds']:,.0f}", refresh=False)
     bar.close()
@@ -171,10 +198,11 @@ def main(argv=None) -> dict:
     rows = []
     for n in lengths:
         first = {mode: runs[n, mode][0] for mode in MODES}
-        tokens_per_sec = {mode: statistics.median(n / run["seconds"] for run in runs[n, mode]) for mode in MODES}
+        tokens_per_sec = {mode: statistics.median(n / run["seconds"] for run in runs[n, mode]) for mode in all_modes}
         rows.append(dict(
             new_tokens=n, tokens_per_sec=tokens_per_sec,
             speedup=tokens_per_sec["rolling cache"] / tokens_per_sec["no cache"],
+            vs_part2=tokens_per_sec["rolling cache"] / tokens_per_sec[PART2],
             cache_kib={mode: first[mode]["cache_bytes"] / 2**10 for mode in MODES},
             # greedy decoding: the caches must not change the text
             caches_agree=first["rolling cache"]["tokens"] == first["growing cache"]["tokens"],

@@ -5,7 +5,8 @@ Replace each `raise NotImplementedError` with your code, then run
 Untouched stubs are skipped ("not attempted yet"); a filled-in one passes or says what is off.
 Each check compares your function with an outside reference: geoopt's Poincaré ball (distance, Möbius
 addition, Riemannian gradient) and closed forms worked out by hand, a brute-force count of a corpus written
-out sequence by sequence, loops over positions and pairs in plain Python, and numbers worked out by hand.
+out sequence by sequence, numpy's quantiles, loops over positions and pairs in plain Python, and numbers worked
+out by hand.
 The reference answers are in solutions.py (try first, then peek).
 
 Each exercise is self-contained plain PyTorch (or plain Python): do not import the lesson scripts.
@@ -14,7 +15,9 @@ Each exercise is self-contained plain PyTorch (or plain Python): do not import t
     ex05-ex06  entropy patching and bits per byte (the Byte Latent Transformer, Pagnoni et al. 2024,
                https://arxiv.org/abs/2412.09871)
     ex07       the context gate of context-aware self-attention (Yang et al. 2019, https://arxiv.org/abs/1902.05766)
-    ex08       the Large Concept Model's contrastive accuracy (Barrault et al. 2024, https://arxiv.org/abs/2412.08821)
+    ex08-ex11  the Large Concept Model (lcm.py; Barrault et al. 2024, https://arxiv.org/abs/2412.08821): its
+               contrastive accuracy, the robust scaler, the Base-LCM loss and stopping rule, one DDIM step
+    ex12       Coconut's continuous-thought forward (thoughts.py; Hao et al. 2024, https://arxiv.org/abs/2412.06769)
 """
 import torch
 
@@ -201,5 +204,117 @@ def ex08_contrastive_accuracy(pred: torch.Tensor, target: torch.Tensor) -> float
     Plausible slips the check catches: j = i counted (divide by N); ties counted as farther (>=); cosine
     similarity instead of the l2 distance (they rank differently when norms differ); the matrix read by column
     (targets compared with the other predictions).
+    """
+    raise NotImplementedError
+
+
+def ex09_robust_scale(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Large Concept Model's robust scaler (Barrault et al. 2024, https://arxiv.org/abs/2412.08821, section
+    2.3.1; its reference code's "gaussian_robust" normalisation; lcm.py's RobustScaler).
+
+    Sentence embeddings have dimensions with long tails: a few sentences sit far out, and a mean and a standard
+    deviation follow them. The LCM normalises each dimension with statistics that ignore the tails:
+        center = the median of the column
+        scale  = (q75 - q25) / 1.349     the interquartile range, read as a normal distribution's std
+        scaled = (x - center) / scale
+    1.349 = Phi^-1(0.75) - Phi^-1(0.25), the IQR of a standard normal (torch.special.ndtri gives Phi^-1; the
+    literal 1.349 is close enough): for normal data scale is the standard deviation, so after scaling every
+    dimension has unit spread, as the diffusion noise N(0, I) assumes.
+    x (N, d): N embeddings (the rows), d dimensions (the columns); the statistics are per column. Return
+    (scaled (N, d), center (d,), scale (d,)). A quantile q is the linear interpolation between the order
+    statistics at position q (N - 1) (numpy's and torch.quantile's default). A column whose IQR is 0 (constant)
+    gets scale 1: leave it unscaled rather than divide by 0.
+        a column [1, 2, 3, 4, 100]: q25 = 2 (position 1), median 3, q75 = 4 (position 3), scale 2 / 1.349 = 1.4826,
+        scaled [-1.349, -0.674, 0, 0.674, 65.4]: the outlier stays an outlier, the rest keep unit spread
+        (its mean is 22 and its standard deviation 43.6: they would squash 1..4 into a sliver)
+        a column [1, 2, 3, 10]: median 2.5 (halfway between 2 and 3), q25 = 1.75, q75 = 4.75
+    Hint: torch.quantile(x, q, dim=0) (mind the dim); torch.median returns the LOWER of the two middle values of
+    an even count, not their mean.
+    Plausible slips the check catches: the mean and standard deviation instead of the median and IQR; the IQR
+    not divided by 1.349; the statistics of each row instead of each column; torch.median's lower middle value;
+    a constant column divided by 0.
+    """
+    raise NotImplementedError
+
+
+def ex10_base_lcm_loss_and_stop(pred: torch.Tensor, concepts: torch.Tensor, eot: torch.Tensor,
+                                s_eot: float = 0.9, s_prev: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Base-LCM's training objective and its stopping rule (Barrault et al. 2024,
+    https://arxiv.org/abs/2412.08821, section 2.3.1; lcm.py's base_lcm_loss and stop_reason).
+
+    A Base-LCM reads a document's concepts (sentence embeddings) x_0 .. x_{L-1} through a causal Transformer; its
+    output at position i is its guess of the NEXT concept, x_{i+1}, from x_0 .. x_i. So:
+        pred (B, L, d): pred[:, i], the model's output at position i; concepts (B, L, d): the true x_0 .. x_{L-1};
+        loss = the mean over b, i < L - 1 and the d dimensions of (pred[b, i] - concepts[b, i + 1])^2
+               (the paper's Eq. 1: the squared l2 error to the next concept; like lcm.py and F.mse_loss we take
+               the mean over the dimensions too, the squared norm / d; the last output has no target: drop it)
+    At generation the predicted concept is appended and fed back, until one of the paper's stopping rules fires:
+        the prediction is the end of the text:  cos(pred[b, i], eot) >= s_eot      ("End of text."'s concept)
+        or it repeats the previous concept:     cos(pred[b, i], concepts[b, i]) >= s_prev
+    (the previous concept of the prediction made at position i is concepts[b, i], the last one the model read;
+    cos is the cosine similarity, a.b / (|a| |b|); both thresholds are 0.9 in the paper). Return (loss, stop): loss a
+    0-d tensor that autograd can train on; stop (B, L) bool, True where generation would stop at that prediction.
+        concepts [(1, 0), (0, 1), (1, 1)], eot (-1, 0), pred [(0, 2), (0.2, 2), (-3, 0.1)]:
+        loss ((0-0)^2 + (2-1)^2 + (0.2-1)^2 + (2-1)^2) / 4 = (0 + 1 + 0.64 + 1) / 4 = 0.66
+        stop [False, True (cos((0.2, 2), (0, 1)) = 0.995: a repetition), True (cos((-3, 0.1), eot) = 0.9994)]
+    Hint: torch.nn.functional.mse_loss and cosine_similarity(..., dim=-1); eot (d,) broadcasts against (B, L, d).
+    Plausible slips the check catches: no shift (pred[:, i] compared with x_i, the concept it has just read); the
+    sum instead of the mean; a Euclidean distance or a dot product instead of the cosine (a concept twice as long
+    points the same way); > instead of >=; both rules required at once (and instead of or).
+    """
+    raise NotImplementedError
+
+
+def ex11_ddim_step(x_t: torch.Tensor, x0_pred: torch.Tensor, alpha_bar_t: float,
+                   alpha_bar_prev: float) -> torch.Tensor:
+    """One deterministic DDIM step from a predicted clean vector (Song et al. 2020, https://arxiv.org/abs/2010.02502,
+    Eq. 12 with eta = 0; lcm.py's ddim_step, the diffusion LCM's sampler).
+
+    The forward process noises a clean x_0 to x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps (a_t = alpha_bar_t, from 1 at
+    t = 0, clean, down to 0, pure noise). The diffusion LCM predicts x0_pred from x_t (x0-prediction). DDIM then
+    moves to the earlier, less noisy step t_prev without any new randomness:
+        eps_hat = (x_t - sqrt(a_t) x0_pred) / sqrt(1 - a_t)           the noise that x0_pred implies
+        x_prev  = sqrt(a_prev) x0_pred + sqrt(1 - a_prev) eps_hat     noise x0_pred again, to level a_prev
+    x_t, x0_pred (..., d) (any shape, the same); alpha_bar_t and alpha_bar_prev Python floats, with
+    0 <= a_t < 1 and a_t <= a_prev <= 1. Return x_prev, the shape of x_t.
+        x_t = 1.0, x0_pred = 0.5, a_t = 0.36, a_prev = 0.64: eps_hat = (1 - 0.6 * 0.5) / 0.8 = 0.875,
+        x_prev = 0.8 * 0.5 + 0.6 * 0.875 = 0.925
+    Properties to expect: a_prev = 1 (the last step, t_prev = 0) gives x0_pred itself; a_prev = a_t leaves x_t as
+    it is; if x_t is exactly sqrt(a_t) x0_pred + sqrt(1 - a_t) eps, the step lands on sqrt(a_prev) x0_pred +
+    sqrt(1 - a_prev) eps: the same noise, less of it (a perfect x0 prediction walks back along its own trajectory).
+    (lcm.py also divides eps_hat by an epsilon_scaling a little above 1, Ning et al. 2023; leave that out here.)
+    Hint: math.sqrt for the floats.
+    Plausible slips the check catches: eps_hat divided by (1 - a_t) instead of its square root; sqrt(a_t) left out
+    of eps_hat; a_t and a_prev swapped; x_prev's noise weighted by (1 - a_prev) instead of its square root.
+    """
+    raise NotImplementedError
+
+
+def ex12_continuous_thought_forward(model, prompt_embeds: torch.Tensor, n_thoughts: int) -> torch.Tensor:
+    """Coconut's continuous thoughts (Hao et al. 2024, "Training Large Language Models to Reason in a Continuous
+    Latent Space", https://arxiv.org/abs/2412.06769, section 3; thoughts.py's continuous_forward).
+
+    Chain-of-thought makes a model write its reasoning as tokens: each step squeezed through one sampled token.
+    Coconut skips the tokens: after <bot>, the model's LAST HIDDEN STATE (the vector the LM head would read) is
+    fed straight back as the next INPUT EMBEDDING, a "continuous thought", n_thoughts times:
+        inputs = prompt_embeds                                  (B, T, d), ending with <bot>'s embedding
+        repeat n_thoughts times:
+            hidden = model(inputs)                              (B, T', d): causal, one hidden state per position
+            inputs = concat(inputs, hidden[:, -1:], dim=1)      the last position's hidden state: a new input
+    model: any callable (a function or an nn.Module) mapping input embeddings (B, T', d) to last hidden states
+    (B, T', d), causally (position t sees inputs 0..t); prompt_embeds (B, T, d). Return the inputs after the
+    thoughts, (B, T + n_thoughts, d): the prompt, then thought k = the hidden state at position T + k - 1 of the
+    pass over the first T + k inputs. (The caller then appends <eot> and the answer, and reads the answer's
+    hidden states as usual.) n_thoughts = 0 returns the prompt as it is.
+    The thoughts stay differentiable: a loss on the answer back-propagates through every thought into the prompt
+    and the model (no .detach(); in place of a sampled token, which would cut the gradient).
+        model(x) = 2 x at every position, prompt [[1.0]] (B = 1, T = 1, d = 1), 3 thoughts:
+        [[1]] -> hidden [[2]] -> inputs [[1], [2]] -> hidden [[2], [4]] -> [[1], [2], [4]] -> ... [[1], [2], [4], [8]]
+    Each pass here recomputes the whole sequence (n_thoughts passes); thoughts.py keeps a KV cache, so each pass
+    computes only the new position: same numbers for a causal model.
+    Hint: torch.cat((inputs, hidden[:, -1:]), dim=1) keeps the time dimension.
+    Plausible slips the check catches: feeding back the last INPUT embedding instead of the hidden state; the
+    hidden state of another position (the first, or the one before last); one thought too few; running the model
+    on the newest thought alone, without the context; .detach() on the thought.
     """
     raise NotImplementedError

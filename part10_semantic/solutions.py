@@ -1,11 +1,13 @@
 """Part 10 reference solutions. Try exercises.py first; `pytest tests/test_part10_exercises.py -rs` checks both.
 
-hyperbolic.py and boundless_bpe.py hold the lesson versions of ex01-ex04 (with the guards and the indexes that
-training needs); here each idea is written out on its own, in plain PyTorch or plain Python.
+hyperbolic.py, boundless_bpe.py, blt.py, context_attention.py, lcm.py and thoughts.py hold the lesson versions
+(with the guards, caches and indexes that training needs); here each idea is written out on its own, in plain
+PyTorch or plain Python.
 """
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def ex01_poincare_distance(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -88,3 +90,33 @@ def ex08_contrastive_accuracy(pred: torch.Tensor, target: torch.Tensor) -> float
     own = dist.diagonal()[:, None]  # (N, 1): |pred_i - target_i|
     farther = (dist > own).sum(1)  # j = i is never strictly farther than itself
     return (farther.double() / (n - 1)).mean().item()
+
+
+def ex09_robust_scale(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q25, center, q75 = torch.quantile(x, torch.tensor([0.25, 0.5, 0.75], dtype=x.dtype), dim=0)  # each (d,)
+    normal_iqr = (torch.special.ndtri(torch.tensor(0.75)) - torch.special.ndtri(torch.tensor(0.25))).item()  # 1.349
+    scale = (q75 - q25) / normal_iqr
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant column: leave it unscaled
+    return (x - center) / scale, center, scale
+
+
+def ex10_base_lcm_loss_and_stop(pred: torch.Tensor, concepts: torch.Tensor, eot: torch.Tensor,
+                                s_eot: float = 0.9, s_prev: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
+    loss = F.mse_loss(pred[:, :-1], concepts[:, 1:])  # output i against concept i + 1; the mean over B, L-1, d
+    is_end = F.cosine_similarity(pred, eot, dim=-1) >= s_eot  # (B, L)
+    repeats = F.cosine_similarity(pred, concepts, dim=-1) >= s_prev  # (B, L): concept i came just before pred i
+    return loss, is_end | repeats
+
+
+def ex11_ddim_step(x_t: torch.Tensor, x0_pred: torch.Tensor, alpha_bar_t: float,
+                   alpha_bar_prev: float) -> torch.Tensor:
+    eps_hat = (x_t - math.sqrt(alpha_bar_t) * x0_pred) / math.sqrt(1 - alpha_bar_t)  # the noise x0_pred implies
+    return math.sqrt(alpha_bar_prev) * x0_pred + math.sqrt(1 - alpha_bar_prev) * eps_hat
+
+
+def ex12_continuous_thought_forward(model, prompt_embeds: torch.Tensor, n_thoughts: int) -> torch.Tensor:
+    inputs = prompt_embeds  # (B, T, d)
+    for _ in range(n_thoughts):
+        hidden = model(inputs)  # (B, T', d)
+        inputs = torch.cat((inputs, hidden[:, -1:]), dim=1)  # the last hidden state becomes the next input
+    return inputs  # (B, T + n_thoughts, d)

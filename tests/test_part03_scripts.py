@@ -46,8 +46,9 @@ def test_bench_generate_times_every_mode_and_measures_the_caches(run_dir, window
         rates = row["tokens_per_sec"]
         assert all(rate > 0 for rate in rates.values())
         assert row["speedup"] == pytest.approx(rates["rolling cache"] / rates["no cache"])
+        assert row["vs_part2"] == pytest.approx(rates["rolling cache"] / rates[bench_generate.PART2])
     table = capsys.readouterr().out
-    assert all(mode in results["table"] and mode in table for mode in bench_generate.MODES)
+    assert all(mode in results["table"] and mode in table for mode in (*bench_generate.MODES, bench_generate.PART2))
     saved = json.loads((run_dir / "bench_generate.json").read_text())
     assert saved["rows"] == results["rows"] and saved["model_config"]["window_size"] == window_size
     assert (run_dir / "bench_generate.png").stat().st_size > 0

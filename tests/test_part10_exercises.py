@@ -2,9 +2,11 @@
 import copy
 import math
 import re
+import statistics
 from collections import Counter
 
 import geoopt
+import numpy as np
 import torch
 
 from part10_semantic import exercises, solutions
@@ -631,6 +633,383 @@ def _ca_by_column(pred, target):  # each target against the other predictions
     return solutions.ex08_contrastive_accuracy(target, pred)
 
 
+# --- ex09: the robust scaler ---------------------------------------------------------------------------------------
+
+NORMAL_IQR = statistics.NormalDist().inv_cdf(0.75) - statistics.NormalDist().inv_cdf(0.25)  # 1.34898
+
+
+def robust_stats_by_numpy(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """numpy's quantiles (linear interpolation, its default), column by column: the median and the IQR / 1.349."""
+    q25, median, q75 = np.quantile(x.double().numpy(), [0.25, 0.5, 0.75], axis=0)
+    scale = (q75 - q25) / NORMAL_IQR
+    scale[scale == 0] = 1.0
+    return torch.from_numpy(median), torch.from_numpy(scale)
+
+
+def _robust_result(got, n: int, d: int, what: str):
+    assert isinstance(got, tuple) and len(got) == 3, f"{what}: return a tuple (scaled, center, scale), got {got!r}"
+    scaled, center, scale = got
+    _tensor_of_shape(scaled, (n, d), f"{what}: scaled")
+    _tensor_of_shape(center, (d,), f"{what}: center (one per column)")
+    _tensor_of_shape(scale, (d,), f"{what}: scale (one per column)")
+    return scaled.double(), center.double(), scale.double()
+
+
+def check_ex09_robust_scale(fn):
+    # Random heavy-tailed columns (Student's t with 2 degrees of freedom: a few huge values), N != d
+    g = torch.Generator().manual_seed(9)
+    for n, d in ((101, 7), (40, 5)):  # an odd and an even number of rows
+        x = torch.randn(n, d, generator=g, dtype=torch.float64) / torch.rand(n, d, generator=g,
+                                                                              dtype=torch.float64).sqrt()
+        x = x * torch.linspace(0.1, 10, d, dtype=torch.float64) + torch.linspace(-5, 5, d, dtype=torch.float64)
+        before = x.clone()
+        scaled, center, scale = _robust_result(fn(x), n, d, f"x ({n}, {d})")
+        assert torch.equal(x, before), "the input x was changed: compute new tensors"
+        want_center, want_scale = robust_stats_by_numpy(x)
+        assert torch.allclose(center, want_center, rtol=1e-9, atol=1e-9), (
+            f"x ({n}, {d}): center should be each column's median, numpy.quantile(x, 0.5, axis=0) = "
+            f"{_r(want_center)}; got {_r(center)}" + (" (an even number of rows: the median is the mean of the two "
+                                                       "middle values, not torch.median's lower one)" if n % 2 == 0
+                                                       else ""))
+        assert torch.allclose(scale, want_scale, rtol=1e-4), (
+            f"x ({n}, {d}): scale should be each column's (q75 - q25) / 1.349 (numpy.quantile) = {_r(want_scale)}; "
+            f"got {_r(scale)}")
+        want = (x - want_center) / want_scale
+        assert torch.allclose(scaled, want, rtol=1e-4, atol=1e-6), (
+            f"x ({n}, {d}): scaled should be (x - median) / scale; yours differs by up to "
+            f"{(scaled - want).abs().max():.3g}")
+    # By hand: [1, 2, 3, 4, 100] (an outlier), a constant column, [1, 2, 3, 10] padded... one column each
+    x = torch.tensor([[1.0, 5.0], [2.0, 5.0], [3.0, 5.0], [4.0, 5.0], [100.0, 5.0]], dtype=torch.float64)
+    scaled, center, scale = _robust_result(fn(x), 5, 2, "x (5, 2)")
+    assert abs(center[0] - 3) < 1e-12 and abs(scale[0] - 2 / NORMAL_IQR) < 1e-4, (
+        f"the column [1, 2, 3, 4, 100]: median 3, q25 = 2, q75 = 4, scale 2 / 1.349 = 1.4826 (the mean 22 and the "
+        f"standard deviation 43.6 would follow the outlier); got center {center[0]:.4f}, scale {scale[0]:.4f}")
+    assert abs(scale[1] - 1) < 1e-12 and torch.allclose(scaled[:, 1], torch.zeros(5, dtype=torch.float64)), (
+        f"the constant column [5, 5, 5, 5, 5]: its IQR is 0, so its scale is 1 and it scales to 0; got scale "
+        f"{scale[1]:.4g} and {_r(scaled[:, 1])}")
+    x = torch.tensor([[1.0], [2.0], [3.0], [10.0]], dtype=torch.float64)
+    _, center, scale = _robust_result(fn(x), 4, 1, "x (4, 1)")
+    assert abs(center[0] - 2.5) < 1e-12 and abs(scale[0] - 3 / NORMAL_IQR) < 1e-4, (
+        f"the column [1, 2, 3, 10]: median 2.5 (halfway between 2 and 3, not torch.median's 2), q25 = 1.75, "
+        f"q75 = 4.75, scale 3 / 1.349 = 2.2239; got center {center[0]:.4f}, scale {scale[0]:.4f}")
+
+
+def _robust_mean_std(x):
+    center, scale = x.mean(0), x.std(0)
+    return (x - center) / scale, center, scale
+
+
+def _robust_no_1349(x):  # the IQR itself as the scale
+    q25, center, q75 = torch.quantile(x, torch.tensor([0.25, 0.5, 0.75], dtype=x.dtype), dim=0)
+    scale = torch.where(q75 > q25, q75 - q25, torch.ones_like(q75))
+    return (x - center) / scale, center, scale
+
+
+def _robust_per_row(x):  # the statistics of each embedding (row) instead of each dimension (column)
+    q25, center, q75 = torch.quantile(x, torch.tensor([0.25, 0.5, 0.75], dtype=x.dtype), dim=1, keepdim=True)
+    scale = (q75 - q25) / 1.349
+    return (x - center) / scale, center.squeeze(1), scale.squeeze(1)
+
+
+def _robust_torch_median(x):  # torch.median: the lower middle value of an even count
+    scaled, _, scale = solutions.ex09_robust_scale(x)
+    center = x.median(dim=0).values
+    return (x - center) / scale, center, scale
+
+
+def _robust_no_guard(x):  # a constant column divided by 0
+    q25, center, q75 = torch.quantile(x, torch.tensor([0.25, 0.5, 0.75], dtype=x.dtype), dim=0)
+    scale = (q75 - q25) / 1.349
+    return (x - center) / scale, center, scale
+
+
+# --- ex10: the Base-LCM loss and stopping rule ---------------------------------------------------------------------
+
+
+def base_lcm_by_loop(pred, concepts, eot, s_eot: float, s_prev: float) -> tuple[float, list]:
+    """In Python floats: the mean squared error of output i against concept i + 1, and the cosine rules."""
+    P, C, E = pred.tolist(), concepts.tolist(), eot.tolist()
+
+    def cos(a, b):
+        return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+    squares = [(p - c) ** 2 for Pb, Cb in zip(P, C) for i in range(len(Pb) - 1) for p, c in zip(Pb[i], Cb[i + 1])]
+    stop = [[cos(Pb[i], E) >= s_eot or cos(Pb[i], Cb[i]) >= s_prev for i in range(len(Pb))] for Pb, Cb in zip(P, C)]
+    return sum(squares) / len(squares), stop
+
+
+def _lcm_result(got, shape: tuple, what: str):
+    assert isinstance(got, tuple) and len(got) == 2, f"{what}: return a tuple (loss, stop), got {got!r}"
+    loss, stop = got
+    _tensor_of_shape(loss, (), f"{what}: the loss (a 0-d tensor)")
+    _tensor_of_shape(stop, shape, f"{what}: stop (one flag per prediction)")
+    assert stop.dtype == torch.bool, f"{what}: stop should be a bool tensor, got {stop.dtype}"
+    return loss, stop.tolist()
+
+
+def check_ex10_base_lcm_loss_and_stop(fn):
+    concepts = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]], dtype=torch.float64)
+    pred = torch.tensor([[[0.0, 2.0], [0.2, 2.0], [-3.0, 0.1]]], dtype=torch.float64)
+    eot = torch.tensor([-1.0, 0.0], dtype=torch.float64)
+    loss, stop = _lcm_result(fn(pred, concepts, eot), (1, 3), "pred, concepts (1, 3, 2)")
+    assert abs(loss.item() - 0.66) < 1e-9, (
+        "concepts [(1, 0), (0, 1), (1, 1)], pred [(0, 2), (0.2, 2), (-3, 0.1)]: output 0 aims at concept 1 and "
+        "output 1 at concept 2 (the last output has no target): ((0-0)^2 + (2-1)^2 + (0.2-1)^2 + (2-1)^2) / 4 = "
+        f"0.66; got {loss.item():.6f}")
+    assert stop == [[False, True, True]], (
+        "the same, eot (-1, 0): output 0 is orthogonal to eot and to concept 0 (go on); output 1 has cos 0.995 with "
+        "concept 1, the one just read (a repetition: stop); output 2 has cos 0.9994 with eot (the end: stop); "
+        f"want [[False, True, True]], got {stop}")
+    # Random batches with planted stops: outputs that point like eot or like the concept just read, at other norms
+    g = torch.Generator().manual_seed(10)
+    B, L, d = 3, 6, 5
+    concepts = torch.randn(B, L, d, generator=g, dtype=torch.float64)
+    eot = torch.randn(d, generator=g, dtype=torch.float64)
+    pred = torch.randn(B, L, d, generator=g, dtype=torch.float64)
+    pred[0, 1] = 2.5 * eot + 0.2 * torch.randn(d, generator=g, dtype=torch.float64)
+    pred[1, 3] = 0.3 * eot
+    pred[1, 0] = 3.0 * concepts[1, 0] + 0.3 * torch.randn(d, generator=g, dtype=torch.float64)
+    pred[2, 4] = 0.4 * concepts[2, 4]
+    pred[2, 2] = 0.5 * concepts[2, 3]  # like the NEXT concept: its target, not a repetition
+    pred.requires_grad_(True)
+    for s_eot, s_prev in ((0.9, 0.9), (0.5, 0.95), (0.99, 0.3)):
+        loss, stop = _lcm_result(fn(pred, concepts, eot, s_eot, s_prev), (B, L), f"pred, concepts {(B, L, d)}")
+        want_loss, want_stop = base_lcm_by_loop(pred.detach(), concepts, eot, s_eot, s_prev)
+        assert abs(loss.item() - want_loss) < 1e-9, (
+            f"a random batch {(B, L, d)}: the mean over b, i < L - 1 and the dimensions of (pred[b, i] - "
+            f"concepts[b, i + 1])^2 is {want_loss:.6f} (a loop); got {loss.item():.6f}")
+        assert stop == want_stop, (
+            f"a random batch {(B, L, d)}, s_eot {s_eot}, s_prev {s_prev}: stop where cos(pred[b, i], eot) >= s_eot or "
+            f"cos(pred[b, i], concepts[b, i]) >= s_prev (a loop): want {want_stop}, got {stop}")
+    assert loss.requires_grad, "the loss must be differentiable in pred (return the tensor, not a float)"
+    (grad,) = torch.autograd.grad(loss, pred)
+    want = torch.zeros_like(grad)
+    want[:, :-1] = 2 * (pred.detach()[:, :-1] - concepts[:, 1:]) / (B * (L - 1) * d)
+    assert torch.allclose(grad, want, atol=1e-12), (
+        "the loss's gradient in pred should be 2 (pred[b, i] - concepts[b, i + 1]) / (B (L - 1) d), and 0 for the "
+        f"last output; yours differs by up to {(grad - want).abs().max():.3g}")
+    # A tie is a stop (>=): cos((3, 4), (1, 0)) = 3/5 exactly
+    concepts = torch.tensor([[[0.0, 1.0], [0.0, -1.0]]], dtype=torch.float64)
+    pred = torch.tensor([[[3.0, 4.0], [-4.0, 3.0]]], dtype=torch.float64)
+    _, stop = _lcm_result(fn(pred, concepts, torch.tensor([1.0, 0.0], dtype=torch.float64), 0.6, 0.99),
+                          (1, 2), "pred, concepts (1, 2, 2)")
+    assert stop == [[True, False]], (
+        f"cos((3, 4), eot (1, 0)) = 0.6 exactly, and s_eot = 0.6: a tie stops (>=); want [[True, False]], got {stop}")
+
+
+def _lcm_no_shift(pred, concepts, eot, s_eot=0.9, s_prev=0.9):  # each output against the concept it has just read
+    _, stop = solutions.ex10_base_lcm_loss_and_stop(pred, concepts, eot, s_eot, s_prev)
+    return torch.nn.functional.mse_loss(pred, concepts), stop
+
+
+def _lcm_sum(pred, concepts, eot, s_eot=0.9, s_prev=0.9):
+    _, stop = solutions.ex10_base_lcm_loss_and_stop(pred, concepts, eot, s_eot, s_prev)
+    return (pred[:, :-1] - concepts[:, 1:]).pow(2).sum(), stop
+
+
+def _lcm_squared_norm(pred, concepts, eot, s_eot=0.9, s_prev=0.9):  # summed over the dimensions, mean over positions
+    _, stop = solutions.ex10_base_lcm_loss_and_stop(pred, concepts, eot, s_eot, s_prev)
+    return (pred[:, :-1] - concepts[:, 1:]).pow(2).sum(-1).mean(), stop
+
+
+def _lcm_euclidean_stop(pred, concepts, eot, s_eot=0.9, s_prev=0.9):  # |a - b|^2 / 2 <= 1 - s: cos for unit vectors
+    loss, _ = solutions.ex10_base_lcm_loss_and_stop(pred, concepts, eot, s_eot, s_prev)
+    near_end = (pred - eot).pow(2).sum(-1) / 2 <= 1 - s_eot
+    near_prev = (pred - concepts).pow(2).sum(-1) / 2 <= 1 - s_prev
+    return loss, near_end | near_prev
+
+
+def _lcm_dot_stop(pred, concepts, eot, s_eot=0.9, s_prev=0.9):  # a.b without the norms
+    loss, _ = solutions.ex10_base_lcm_loss_and_stop(pred, concepts, eot, s_eot, s_prev)
+    return loss, ((pred * eot).sum(-1) >= s_eot) | ((pred * concepts).sum(-1) >= s_prev)
+
+
+def _lcm_strict(pred, concepts, eot, s_eot=0.9, s_prev=0.9):
+    loss, _ = solutions.ex10_base_lcm_loss_and_stop(pred, concepts, eot, s_eot, s_prev)
+    cos = torch.nn.functional.cosine_similarity
+    return loss, (cos(pred, eot, dim=-1) > s_eot) | (cos(pred, concepts, dim=-1) > s_prev)
+
+
+def _lcm_both_rules(pred, concepts, eot, s_eot=0.9, s_prev=0.9):
+    loss, _ = solutions.ex10_base_lcm_loss_and_stop(pred, concepts, eot, s_eot, s_prev)
+    cos = torch.nn.functional.cosine_similarity
+    return loss, (cos(pred, eot, dim=-1) >= s_eot) & (cos(pred, concepts, dim=-1) >= s_prev)
+
+
+# --- ex11: one DDIM step -------------------------------------------------------------------------------------------
+
+
+def cosine_schedule(t: int, n_steps: int = 100, s: float = 0.008) -> float:
+    """alpha_bar_t of the cosine schedule (Nichol & Dhariwal 2021), in Python floats."""
+    f = lambda u: math.cos((u + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    return min(1.0, max(0.0, f(t / n_steps) / f(0)))
+
+
+def check_ex11_ddim_step(fn):
+    got = _tensor_of_shape(fn(torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64),
+                              0.36, 0.64), (), "x_t, x0_pred of shape ()")
+    assert abs(got.item() - 0.925) < 1e-12, (
+        "x_t = 1, x0_pred = 0.5, a_t = 0.36, a_prev = 0.64: eps_hat = (1 - sqrt(0.36) 0.5) / sqrt(1 - 0.36) = "
+        f"0.7 / 0.8 = 0.875, x_prev = sqrt(0.64) 0.5 + sqrt(0.36) 0.875 = 0.4 + 0.525 = 0.925; got {got.item():.6f}")
+    g = torch.Generator().manual_seed(11)
+    x_t, x0 = torch.randn(4, 8, generator=g, dtype=torch.float64), torch.randn(4, 8, generator=g, dtype=torch.float64)
+    for t, t_prev in ((100, 90), (60, 30), (12, 11), (5, 0)):
+        a, a_prev = cosine_schedule(t), cosine_schedule(t_prev)
+        got = _tensor_of_shape(fn(x_t, x0, a, a_prev), (4, 8), "x_t, x0_pred of shape (4, 8)")
+        # the same step, rearranged: x0's part, then x_t's residual carried over with the ratio of noise levels
+        want = math.sqrt(a_prev) * x0 + math.sqrt((1 - a_prev) / (1 - a)) * (x_t - math.sqrt(a) * x0)
+        assert torch.allclose(got, want, atol=1e-10), (
+            f"t = {t} -> {t_prev} (a_t = {a:.4f}, a_prev = {a_prev:.4f}): sqrt(a_prev) x0 + sqrt((1 - a_prev) / "
+            f"(1 - a_t)) (x_t - sqrt(a_t) x0) differs from yours by up to {(got - want).abs().max():.3g}")
+    a = cosine_schedule(40)
+    got = fn(x_t, x0, a, 1.0)
+    assert torch.allclose(got, x0, atol=1e-12), (
+        f"a_prev = 1 (the last step, t_prev = 0): x_prev should be x0_pred itself; off by {(got - x0).abs().max():.3g}")
+    got = fn(x_t, x0, a, a)
+    assert torch.allclose(got, x_t, atol=1e-12), (
+        f"a_prev = a_t: the step should leave x_t as it is; off by {(got - x_t).abs().max():.3g}")
+    # A perfect x0 prediction walks back along its own trajectory, down the trailing schedule 100, 90, ..., 10, 0
+    eps = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    x0 = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    steps = list(range(100, -1, -10))
+    x = math.sqrt(cosine_schedule(100)) * x0 + math.sqrt(1 - cosine_schedule(100)) * eps  # pure noise: alpha_bar 0
+    for t, t_prev in zip(steps, steps[1:]):
+        x = fn(x, x0, cosine_schedule(t), cosine_schedule(t_prev))
+        a_prev = cosine_schedule(t_prev)
+        want = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+        assert torch.allclose(x, want, atol=1e-9), (
+            f"x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps with x0_pred = x0: the step {t} -> {t_prev} should land on "
+            f"sqrt(a_prev) x0 + sqrt(1 - a_prev) eps (the same eps); off by {(x - want).abs().max():.3g}")
+
+
+def _ddim_eps_no_sqrt(x_t, x0_pred, alpha_bar_t, alpha_bar_prev):  # divided by (1 - a_t)
+    eps = (x_t - math.sqrt(alpha_bar_t) * x0_pred) / (1 - alpha_bar_t)
+    return math.sqrt(alpha_bar_prev) * x0_pred + math.sqrt(1 - alpha_bar_prev) * eps
+
+
+def _ddim_eps_no_sqrt_alpha(x_t, x0_pred, alpha_bar_t, alpha_bar_prev):  # x_t - x0_pred
+    eps = (x_t - x0_pred) / math.sqrt(1 - alpha_bar_t)
+    return math.sqrt(alpha_bar_prev) * x0_pred + math.sqrt(1 - alpha_bar_prev) * eps
+
+
+def _ddim_swapped(x_t, x0_pred, alpha_bar_t, alpha_bar_prev):
+    return solutions.ex11_ddim_step(x_t, x0_pred, alpha_bar_prev, alpha_bar_t) if alpha_bar_prev < 1 else x0_pred
+
+
+def _ddim_noise_no_sqrt(x_t, x0_pred, alpha_bar_t, alpha_bar_prev):  # (1 - a_prev) eps_hat
+    eps = (x_t - math.sqrt(alpha_bar_t) * x0_pred) / math.sqrt(1 - alpha_bar_t)
+    return math.sqrt(alpha_bar_prev) * x0_pred + (1 - alpha_bar_prev) * eps
+
+
+# --- ex12: Coconut's continuous-thought forward --------------------------------------------------------------------
+
+
+class CausalMixer(torch.nn.Module):
+    """A small fixed causal model: position t reads its own input and a decaying average of inputs 0..t, so every
+    position's hidden state differs, and none depends on a later input."""
+
+    def __init__(self, d: int, seed: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.W = torch.nn.Parameter(torch.randn(d, d, generator=g, dtype=torch.float64) / math.sqrt(d))
+        self.U = torch.nn.Parameter(torch.randn(d, d, generator=g, dtype=torch.float64) / math.sqrt(d))
+        self.b = torch.nn.Parameter(0.1 * torch.randn(d, generator=g, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, d)
+        t = torch.arange(x.size(1))
+        lag = t[:, None] - t[None, :]
+        weights = torch.where(lag >= 0, 0.6 ** lag.clamp(min=0).double(), 0.0)  # (T, T), lower triangular
+        return torch.tanh(x @ self.W + (weights / weights.sum(1, keepdim=True)) @ x @ self.U + self.b)
+
+
+def thoughts_by_loop(model, prompt: torch.Tensor, n_thoughts: int) -> torch.Tensor:
+    """Row by row, thought by thought: thought k is the model's hidden state at the last position of the sequence
+    so far (the prompt and thoughts 1..k-1)."""
+    rows = []
+    for b in range(prompt.size(0)):
+        seq = [prompt[b, t] for t in range(prompt.size(1))]
+        for _ in range(n_thoughts):
+            hidden = model(torch.stack(seq)[None])  # (1, len(seq), d)
+            seq.append(hidden[0, len(seq) - 1])
+        rows.append(torch.stack(seq))
+    return torch.stack(rows)
+
+
+def check_ex12_continuous_thought_forward(fn):
+    model = CausalMixer(4, seed=12)
+    g = torch.Generator().manual_seed(12)
+    for B, T, n in ((2, 3, 4), (1, 5, 1), (3, 2, 6)):
+        prompt = torch.randn(B, T, 4, generator=g, dtype=torch.float64)
+        before = prompt.clone()
+        got = _tensor_of_shape(fn(model, prompt, n), (B, T + n, 4), f"a prompt ({B}, {T}, 4) with {n} thoughts")
+        assert torch.equal(prompt, before), "prompt_embeds was changed: build new tensors"
+        want = thoughts_by_loop(model, prompt, n)
+        assert torch.allclose(got[:, :T], prompt, atol=0), "the first T inputs should be the prompt, unchanged"
+        assert torch.allclose(got, want, atol=1e-12), (
+            f"a prompt ({B}, {T}, 4), {n} thoughts: thought k (input T + k) should be the hidden state at position "
+            f"T + k - 1 of the pass over the first T + k inputs (a loop, row by row); yours differ by up to "
+            f"{(got - want).abs().max():.3g}")
+    got = fn(model, prompt, 0)
+    assert torch.equal(got, prompt), "n_thoughts = 0: the inputs are the prompt alone"
+    # By hand: model(x) = 2 x doubles each thought
+    got = fn(lambda x: 2 * x, torch.tensor([[[1.0]]]), 3)
+    assert torch.equal(got, torch.tensor([[[1.0], [2.0], [4.0], [8.0]]])), (
+        f"model(x) = 2 x, prompt [[1]], 3 thoughts: [[1], [2], [4], [8]]; got {_r(got.flatten())}")
+    # The thoughts stay differentiable: the gradient of the last thought reaches the prompt and the model
+    prompt = torch.randn(2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    got = fn(model, prompt, 3)
+    assert got.requires_grad, "the thoughts must stay differentiable (no .detach(), no torch.no_grad())"
+    weights = torch.randn(2, 4, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((got[:, -1] * weights).sum(), [prompt, *model.parameters()])
+    want = torch.autograd.grad((thoughts_by_loop(model, prompt, 3)[:, -1] * weights).sum(),
+                               [prompt, *model.parameters()])
+    worst = max((a - b).abs().max().item() for a, b in zip(grads, want))
+    assert worst < 1e-10, (
+        "the gradient of the last thought in the prompt and the model's weights differs from the loop's by up to "
+        f"{worst:.3g}: the gradient must flow back through every thought")
+
+
+def _thought_input_fed_back(model, prompt_embeds, n_thoughts):  # the last input again, not the hidden state
+    inputs = prompt_embeds
+    for _ in range(n_thoughts):
+        model(inputs)
+        inputs = torch.cat((inputs, inputs[:, -1:]), dim=1)
+    return inputs
+
+
+def _thought_first_position(model, prompt_embeds, n_thoughts):
+    inputs = prompt_embeds
+    for _ in range(n_thoughts):
+        inputs = torch.cat((inputs, model(inputs)[:, :1]), dim=1)
+    return inputs
+
+
+def _thought_one_before_last(model, prompt_embeds, n_thoughts):
+    inputs = prompt_embeds
+    for _ in range(n_thoughts):
+        inputs = torch.cat((inputs, model(inputs)[:, -2:-1]), dim=1)
+    return inputs
+
+
+def _thought_one_too_few(model, prompt_embeds, n_thoughts):
+    return solutions.ex12_continuous_thought_forward(model, prompt_embeds, max(0, n_thoughts - 1))
+
+
+def _thought_alone(model, prompt_embeds, n_thoughts):  # after the first pass, the model sees only the new thought
+    inputs, last = prompt_embeds, prompt_embeds
+    for _ in range(n_thoughts):
+        thought = model(last)[:, -1:]
+        inputs, last = torch.cat((inputs, thought), dim=1), thought
+    return inputs
+
+
+def _thought_detached(model, prompt_embeds, n_thoughts):
+    inputs = prompt_embeds
+    for _ in range(n_thoughts):
+        inputs = torch.cat((inputs, model(inputs)[:, -1:].detach()), dim=1)
+    return inputs
+
+
 CASES = [
     Exercise("ex01_poincare_distance", check_ex01_poincare_distance, wrong=[
         _dist_no_factor_two, _dist_no_denominator, _dist_not_squared]),
@@ -649,6 +1028,16 @@ CASES = [
         _gate_swapped, _gate_no_sigmoid, _gate_per_channel, _gate_mixes_raw_context]),
     Exercise("ex08_contrastive_accuracy", check_ex08_contrastive_accuracy, wrong=[
         _ca_divides_by_n, _ca_ties_count, _ca_cosine, _ca_by_column]),
+    Exercise("ex09_robust_scale", check_ex09_robust_scale, wrong=[
+        _robust_mean_std, _robust_no_1349, _robust_per_row, _robust_torch_median, _robust_no_guard]),
+    Exercise("ex10_base_lcm_loss_and_stop", check_ex10_base_lcm_loss_and_stop, wrong=[
+        _lcm_no_shift, _lcm_sum, _lcm_squared_norm, _lcm_euclidean_stop, _lcm_dot_stop, _lcm_strict,
+        _lcm_both_rules]),
+    Exercise("ex11_ddim_step", check_ex11_ddim_step, wrong=[
+        _ddim_eps_no_sqrt, _ddim_eps_no_sqrt_alpha, _ddim_swapped, _ddim_noise_no_sqrt]),
+    Exercise("ex12_continuous_thought_forward", check_ex12_continuous_thought_forward, wrong=[
+        _thought_input_fed_back, _thought_first_position, _thought_one_before_last, _thought_one_too_few,
+        _thought_alone, _thought_detached]),
 ]
 
 (test_solution, test_exercise,
