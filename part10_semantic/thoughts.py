@@ -16,9 +16,11 @@ The task (ours, a small cousin of the paper's GSM8k): a start digit and n_steps 
     CoT        3+4=7;7*7=9;9-5=4;       (one equation per update, as GSM8k's "<<3+4=7>>")
     answer     #4<end>
 
-Every update is a permutation of the ten digits (+k, -k, *3, *7 or *9 mod 10), so without all intermediate values
-the answer is uniform: no shortcut. A 2-layer GPT cannot compose three updates in one forward pass, but it can do one
-update per written step. Six methods, each a GPT from model.py, evaluated on held-out problems:
+Every update is a permutation of the ten digits (+k, -k, *3, *7 or *9 mod 10), so knowing all updates but one leaves
+the answer uniform. One shortcut remains: x3, x7 and x9 keep the parity, so the answer's parity is the start's plus
+the odd constants of the + and - updates, an XOR that needs no intermediate value (evaluate() scores the answer mod 2
+and mod 5 apart to see it). The 2-layer GPT learns neither the shortcut nor three updates in one forward pass, but it
+does one update per written step. Six methods, each a GPT from model.py, evaluated on held-out problems:
 
 1. no-CoT: question -> answer;
 2. CoT: question -> steps -> answer;
@@ -27,14 +29,18 @@ update per written step. Six methods, each a GPT from model.py, evaluated on hel
 4. Coconut with c = 1, 2, 3 thoughts per replaced step, each starting from the CoT model (its stage 0), as the paper's
    GSM8k run starts from its CoT checkpoint.
 
+After every Coconut stage, the thoughts are read two ways (the paper's Figure 2 analysis, and a stronger one): through
+the LM head, and with a linear probe per (thought, intermediate value), which sees whatever a thought encodes.
+
     python part10_semantic/thoughts.py             # everything (~5 minutes on one CPU core)
-    python part10_semantic/thoughts.py --thoughts_per_step 3 --final_stage_iters 3000 \
-        --out_dir runs/part10_semantic/thoughts_c3_long  # Coconut c = 3 with a 5x longer last stage (~8 minutes)
+    python part10_semantic/thoughts.py --n_layer 3 --thoughts_per_step 3 \
+        --out_dir runs/part10_semantic/thoughts_L3   # all methods with a 3-layer GPT, Coconut c = 3 only
     python part10_semantic/thoughts.py --help
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import random
@@ -85,7 +91,10 @@ class ThoughtsConfig:
                                                                      "n_steps * the largest c (as many positions as "
                                                                      "Coconut's longest run)", "min": 1})
     eval_interval: int = field(default=250, metadata={"help": "steps between held-out loss evaluations", "min": 1})
-    analysis: bool = field(default=True, metadata={"help": "decode the final thoughts through the LM head"})
+    analysis: bool = field(default=True, metadata={"help": "after every Coconut stage, decode the thoughts through the "
+                                                           "LM head and fit linear probes on them"})
+    probe_train: int = field(default=2000, metadata={"help": "training problems whose thoughts fit the linear probes",
+                                                     "min": 1})
     threads: int | None = field(default=None, metadata={"help": "CPU threads for torch; none = torch's default",
                                                         "min": 1})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1 or mps"})
@@ -312,10 +321,15 @@ def parse_answer(text: str) -> str | None:
 
 @torch.no_grad()
 def evaluate(model: GPT, data: Encoded, problems: list[Problem], batch_size: int = 500) -> dict:
-    """Held-out answer accuracy, positions generated per answer, and the held-out loss (teacher-forced)."""
+    """Held-out answer accuracy, positions generated per answer, and the held-out loss (teacher-forced).
+
+    Also the accuracy of the answer mod 2 and mod 5 (chance 0.5 and 0.2): a digit mod 10 is the pair (mod 2, mod 5),
+    and the two halves differ in difficulty. Every update keeps or flips the parity on its own (x3, x7, x9 keep it,
+    +k and -k flip it when k is odd), so the answer's parity is the start's parity plus the odd constants, mod 2: an
+    XOR of the inputs that needs no intermediate value. Only the mod 5 half needs the chain of values."""
     model.eval()
     device = model.wte.weight.device
-    correct, positions, losses = 0, 0, []
+    correct, correct_mod, positions, losses = 0, {2: 0, 5: 0}, 0, []
     marker_positions = data.n_prompt - len(problems[0].question())  # <pause>s, or <bot> thoughts <eot>
     max_new = data.ids.size(1) - data.n_prompt + 2  # the gold continuation and a little slack
     end = TOKEN_ID["<end>"]
@@ -327,10 +341,14 @@ def evaluate(model: GPT, data: Encoded, problems: list[Problem], batch_size: int
         for row, p in zip(out, problems[lo : lo + batch_size]):
             n_gen = row.index(end) + 1 if end in row else len(row)
             positions += marker_positions + n_gen
-            correct += parse_answer(decode(row[:n_gen])) == str(p.values()[-1])
+            answer, gold = parse_answer(decode(row[:n_gen])), p.values()[-1]
+            correct += answer == str(gold)
+            for m in correct_mod:
+                correct_mod[m] += answer is not None and answer.isdigit() and int(answer) % m == gold % m
     model.train()
     return dict(accuracy=correct / len(problems), positions=positions / len(problems),
-                val_loss=sum(losses) / len(problems))
+                val_loss=sum(losses) / len(problems), accuracy_mod2=correct_mod[2] / len(problems),
+                accuracy_mod5=correct_mod[5] / len(problems))
 
 
 # --- Training -----------------------------------------------------------------------------------------------------
@@ -393,25 +411,66 @@ def new_model(cfg: ThoughtsConfig, block_size: int, device: str) -> GPT:
 
 
 @torch.no_grad()
+def thought_states(model: GPT, data: Encoded) -> torch.Tensor:
+    """The continuous thoughts (N, n_thoughts, n_embd) of data's prompts: the hidden state one position before each
+    <thought>, which is what the model reads there."""
+    model.eval()
+    ids = data.ids[:, : data.n_prompt].to(model.wte.weight.device)
+    hidden = continuous_forward(model, ids, data.thought_start, data.n_thoughts)
+    model.train()
+    return hidden[:, data.thought_start - 1 : data.thought_start - 1 + data.n_thoughts]
+
+
+def step_values(problems: list[Problem]) -> torch.Tensor:
+    """(N, n_steps): the value after each update, the quantities a thought might carry."""
+    return torch.tensor([p.values()[1:] for p in problems])
+
+
+def probe_thoughts(model: GPT, train: Encoded, train_problems: list[Problem], heldout: Encoded,
+                   heldout_problems: list[Problem], iters: int = 150) -> list[list[float]]:
+    """A linear probe per (thought j, step s): softmax regression from thought j to the value after step s, fitted
+    on training problems' thoughts and scored on the held-out ones (chance 0.1). The LM head (decode_thoughts) only
+    sees what a thought "says" as a next token; a probe sees any value the thought encodes linearly, so a value no
+    probe finds is not there in a form the next layer's linear maps can read either."""
+    x_train, x_held = thought_states(model, train).float(), thought_states(model, heldout).float()
+    y_train, y_held = step_values(train_problems).to(x_train.device), step_values(heldout_problems).to(x_train.device)
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-5  # standardise each thought's channels (train statistics)
+    x_train, x_held = (x_train - mean) / std, (x_held - mean) / std
+    n_thoughts, n_embd, n_steps = x_train.size(1), x_train.size(2), y_train.size(1)
+    # all n_thoughts * n_steps probes at once: weight[j, s] maps thought j to the 10 logits of step s's value
+    weight = torch.zeros(n_thoughts, n_steps, n_embd, 10, device=x_train.device, requires_grad=True)
+    bias = torch.zeros(n_thoughts, n_steps, 10, device=x_train.device, requires_grad=True)
+    optimizer = torch.optim.Adam([weight, bias], lr=0.01)
+
+    def logits(x):  # (N, n_thoughts, n_embd) -> (N, n_thoughts, n_steps, 10)
+        return torch.einsum("njc,jscv->njsv", x, weight) + bias
+
+    targets = y_train[:, None, :].expand(-1, n_thoughts, -1)  # (N, n_thoughts, n_steps)
+    with torch.enable_grad():
+        for _ in range(iters):
+            loss = F.cross_entropy(logits(x_train).flatten(0, 2), targets.flatten()) + 1e-3 * weight.pow(2).sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        hits = logits(x_held).argmax(-1) == y_held[:, None, :]  # (N, n_thoughts, n_steps)
+    return [[round(x, 3) for x in row] for row in hits.float().mean(0).tolist()]
+
+
+@torch.no_grad()
 def decode_thoughts(model: GPT, data: Encoded, problems: list[Problem], c: int) -> dict:
     """Each continuous thought (a last hidden state fed back) read through the LM head, as the paper's Figure 2
     decodes GSM8k thoughts into the intermediate numbers. For every thought j and every step s: how often the most
     likely digit of thought j is the value of step s (chance: 0.1). A diagonal, j // c = s - 1, means the thoughts
     carry the intermediate values in order, as the CoT's written steps did."""
-    model.eval()
-    device = model.wte.weight.device
-    ids = data.ids[:, : data.n_prompt].to(device)
-    hidden = continuous_forward(model, ids, data.thought_start, data.n_thoughts)
-    # the thought at position p is the hidden state at p - 1
-    thoughts = hidden[:, data.thought_start - 1 : data.thought_start - 1 + data.n_thoughts]  # (N, n_thoughts, C)
+    thoughts = thought_states(model, data)  # (N, n_thoughts, C)
     probs = model.lm_head(thoughts).softmax(-1)  # (N, n_thoughts, vocab)
     digit_ids = [TOKEN_ID[str(d)] for d in range(10)]
     top_digit = probs[..., digit_ids].argmax(-1)  # (N, n_thoughts)
-    values = torch.tensor([p.values()[1:] for p in problems], device=device)  # (N, n_steps)
+    values = step_values(problems).to(top_digit.device)  # (N, n_steps)
     match = (top_digit[:, :, None] == values[:, None, :]).float().mean(0)  # (n_thoughts, n_steps)
     example = problems[0]
     top = probs[0].topk(3, dim=-1)
-    model.train()
     return dict(c=c, digit_match=[[round(x, 3) for x in row] for row in match.tolist()],
                 digit_mass=round(probs[..., digit_ids].sum(-1).mean().item(), 3),
                 example_question=example.question(), example_steps=example.steps(),
@@ -469,19 +528,22 @@ def plot_losses(step_losses: dict, stage_starts: dict, path: Path):
 
 
 def plot_thoughts(analyses: list[dict], path: Path):
-    """For each c, at one stage: how often thought j's top digit is the value of step s (decode_thoughts' matrix)."""
-    fig = Figure(figsize=(3.2 * len(analyses), 3.4), dpi=120)
-    axes = fig.subplots(1, len(analyses), squeeze=False)[0]
-    for ax, a in zip(axes, analyses):
-        m = a["digit_match"]  # (n_thoughts, n_steps) as lists
-        ax.imshow(m, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-        for j, row in enumerate(m):
-            for s, v in enumerate(row):
-                ax.text(s, j, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < 0.5 else "k")
-        ax.set_xticks(range(len(m[0])), [f"step {s + 1}" for s in range(len(m[0]))], fontsize=7)
-        ax.set_yticks(range(len(m)), [f"thought {j + 1}" for j in range(len(m))], fontsize=7)
-        ax.set_title(f"c={a['c']}, stage {a['stage']} (accuracy {a['accuracy']:.2f}):\ntop digit of the thought = "
-                     "the step's value", fontsize=8)
+    """For each c, at one stage, two (thought j, step s) matrices: top row, how often thought j's top digit through
+    the LM head is the value after step s (decode_thoughts); bottom row, the held-out accuracy of a linear probe from
+    thought j to that value (probe_thoughts). Chance is 0.1 in both."""
+    fig = Figure(figsize=(3.2 * len(analyses), 6.4), dpi=120)
+    axes = fig.subplots(2, len(analyses), squeeze=False)
+    for col, a in enumerate(analyses):
+        for ax, key, what in ((axes[0, col], "digit_match", "LM head: top digit = the value"),
+                              (axes[1, col], "probe_accuracy", "linear probe accuracy")):
+            m = a[key]  # (n_thoughts, n_steps) as lists
+            ax.imshow(m, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+            for j, row in enumerate(m):
+                for s, v in enumerate(row):
+                    ax.text(s, j, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < 0.5 else "k")
+            ax.set_xticks(range(len(m[0])), [f"value {s + 1}" for s in range(len(m[0]))], fontsize=7)
+            ax.set_yticks(range(len(m)), [f"thought {j + 1}" for j in range(len(m))], fontsize=7)
+            ax.set_title(f"c={a['c']}, stage {a['stage']} (accuracy {a['accuracy']:.2f}):\n{what}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -537,6 +599,8 @@ def run(cfg: ThoughtsConfig, argv: list[str] | None = None) -> dict:
             results[f"accuracy_{name}"] = round(scores["accuracy"], 4)
             results[f"tokens_per_answer_{name}"] = round(scores["positions"], 2)
             results[f"val_loss_{name}"] = round(scores["val_loss"], 4)
+            for m in ("mod2", "mod5"):
+                results[f"accuracy_{m}_{name}"] = round(scores[f"accuracy_{m}"], 4)
             results[f"seconds_{name}"] = round(time.perf_counter() - t0, 1)
             models[name] = model
             tqdm.write(f"{name:12s}: accuracy {scores['accuracy']:.3f}, {scores['positions']:.1f} positions per "
@@ -558,26 +622,35 @@ def run(cfg: ThoughtsConfig, argv: list[str] | None = None) -> dict:
                                                      logger, run_name, stage, stage_starts[run_name][-1])
                 scores = evaluate(model, heldout, heldout_problems)
                 curves[c].append(dict(stage=stage, accuracy=round(scores["accuracy"], 4),
-                                      positions=round(scores["positions"], 2), val_loss=round(scores["val_loss"], 4)))
+                                      positions=round(scores["positions"], 2), val_loss=round(scores["val_loss"], 4),
+                                      accuracy_mod2=round(scores["accuracy_mod2"], 4),
+                                      accuracy_mod5=round(scores["accuracy_mod5"], 4)))
                 tqdm.write(f"{run_name} stage {stage}: {stage * c} thoughts + {cfg.n_steps - stage} written steps: "
                            f"accuracy {scores['accuracy']:.3f}, {scores['positions']:.1f} positions per answer")
-                if cfg.analysis:  # what the thoughts of this stage decode to
-                    analyses.append(dict(stage=stage, accuracy=curves[c][-1]["accuracy"],
+                if cfg.analysis:  # what the thoughts of this stage decode to, and which values they encode at all
+                    n = min(cfg.probe_train, len(train_problems))
+                    probe_set = dataclasses.replace(train, ids=train.ids[:n], targets=train.targets[:n])
+                    probe = probe_thoughts(model, probe_set, train_problems[:n], heldout, heldout_problems)
+                    analyses.append(dict(stage=stage, accuracy=curves[c][-1]["accuracy"], probe_accuracy=probe,
                                          **decode_thoughts(model, heldout, heldout_problems, c)))
             final = curves[c][-1]
             results[f"accuracy_{run_name}"] = final["accuracy"]
             results[f"tokens_per_answer_{run_name}"] = final["positions"]
             results[f"val_loss_{run_name}"] = final["val_loss"]
+            for m in ("mod2", "mod5"):
+                results[f"accuracy_{m}_{run_name}"] = final[f"accuracy_{m}"]
             results[f"seconds_{run_name}"] = round(time.perf_counter() - t0, 1)
             models[run_name] = model
 
     results["coconut_stages"] = {f"c{c}": points for c, points in curves.items()}
     if analyses:
         results["thought_analysis"] = analyses
-        # for each c, the last stage that still answers at least half of the problems (its thoughts carry something),
-        # else the last stage
-        shown = [next((a for a in reversed(analyses) if a["c"] == c and a["accuracy"] >= 0.5),
-                      next(a for a in reversed(analyses) if a["c"] == c)) for c in cs]
+        # the last stage of every c, and before them the latest earlier stage that still answers at least half of the
+        # problems (its thoughts carry something), of the largest such c
+        shown = [next(a for a in reversed(analyses) if a["c"] == c) for c in cs]
+        working = [a for a in analyses if a["stage"] < cfg.n_steps and a["accuracy"] >= 0.5]
+        if working:
+            shown.insert(0, max(working, key=lambda a: (a["stage"], a["c"])))
         plot_thoughts(shown, out_dir / "thoughts.png")
     plot_accuracy(results, curves, out_dir / "accuracy.png")
     plot_losses(step_losses, stage_starts, out_dir / "loss.png")

@@ -114,6 +114,12 @@ def test_the_loss_starts_after_eot_and_skips_question_markers_and_thoughts():
     first = targets.index(next(x for x in targets if x != IGNORE_INDEX))
     assert tokens[first] == "<eot>"  # predicted from the <eot> position: the first word after the thoughts
     assert all(x == IGNORE_INDEX for x in targets[:first])
+    # the last stage: no written step left, the answer follows <eot> at once and is read at <eot> and at "#"
+    last = th.coconut_sequence(P3, 3, 2)
+    targets = th.encode_sequences([last]).targets[0].tolist()
+    assert [th.VOCAB[x] for x in targets if x != IGNORE_INDEX] == ["#", "4", "<end>"]
+    first = targets.index(next(x for x in targets if x != IGNORE_INDEX))
+    assert last.tokens[first] == "<eot>" and last.tokens[first + 1] == "#"
     # CoT: everything after the question is learned, the question is not
     cot = th.encode_sequences([th.cot_sequence(P3)]).targets[0].tolist()
     assert cot[:7] == [IGNORE_INDEX] * 7 and IGNORE_INDEX not in cot[7:]
@@ -167,8 +173,9 @@ def test_the_input_at_a_thought_position_is_the_previous_last_hidden_state():
     assert not torch.allclose(x[:, start], model.wte(idx[:, start]))
 
 
-def test_cached_multi_pass_forward_equals_naive_recomputation_with_gradients():
-    model, enc = tiny_model(), batch()
+@pytest.mark.parametrize("stage", [2, 3])  # 3: the last stage, no written step left after <eot>
+def test_cached_multi_pass_forward_equals_naive_recomputation_with_gradients(stage):
+    model, enc = tiny_model(), batch(stage=stage)
     idx = enc.ids[:, :-1]
     fast = th.continuous_forward(model, idx, enc.thought_start, enc.n_thoughts)
     slow = naive_thought_forward(model, idx, enc.thought_start, enc.n_thoughts)
@@ -264,6 +271,59 @@ def test_decode_thoughts_matches_a_loop_over_problems_thoughts_and_steps():
     assert len(a["example_top3"]) == 3 * c and a["example_question"] == problems[0].question()
 
 
+def test_the_answers_parity_needs_no_intermediate_value():
+    """The shortcut that evaluate's accuracy_mod2 measures: x3, x7, x9 keep the parity and +k, -k add k mod 2, so the
+    parity of the answer is the start plus the constants of the + and - updates, mod 2: no chain needed. Mod 5, the
+    same sum misses most answers of the problems with a multiplication."""
+    train, _ = th.make_split(3000, 10, 3, seed=3)
+    def additive(p, m):
+        return (p.start + sum(k if op == "+" else -k for op, k in zip(p.ops, p.consts) if op in "+-")) % m
+    assert all(additive(p, 2) == p.values()[-1] % 2 for p in train)
+    with_products = [p for p in train if "*" in p.ops]
+    assert sum(additive(p, 5) == p.values()[-1] % 5 for p in with_products) < 0.5 * len(with_products)
+
+
+@pytest.mark.parametrize("shift, expected", [(0, (1, 1, 1)), (5, (0, 0, 1)), (6, (0, 1, 0)), (1, (0, 0, 0))])
+def test_evaluate_scores_the_answer_and_its_halves_mod_2_and_mod_5(monkeypatch, shift, expected):
+    """A fake generator answers gold + shift: +5 keeps the digit mod 5 and flips the parity, +6 the reverse."""
+    problems = th.make_split(40, 1, 3, seed=4)[0]
+    data = th.encode_sequences([th.no_cot_sequence(p) for p in problems])
+    answers = iter([p.values()[-1] for p in problems])
+
+    def fake_generate(model, prompt, thought_start, n_thoughts, max_new):
+        rows = [th.encode(["#", str((next(answers) + shift) % 10), "<end>"]) for _ in range(prompt.size(0))]
+        return torch.tensor(rows)
+
+    monkeypatch.setattr(th, "generate", fake_generate)
+    scores = th.evaluate(tiny_model(), data, problems)
+    assert (scores["accuracy"], scores["accuracy_mod2"], scores["accuracy_mod5"]) == expected
+    assert scores["positions"] == 3  # "#", the digit, <end>
+
+
+def test_linear_probe_finds_a_value_that_is_linearly_encoded_and_only_that(monkeypatch):
+    """Fake thoughts: thought 1 is the one-hot of the first value plus noise, thought 2 pure noise. The probe must
+    read value 1 off thought 1 (nearly always), and nothing off thought 2; value 2 (value 1 pushed through an update
+    the thought does not hold) stays near chance even from thought 1."""
+    train_p, held_p = th.make_split(1500, 300, 3, seed=6)
+    train = th.encode_sequences([th.coconut_sequence(p, 3, 1) for p in train_p])
+    held = th.encode_sequences([th.coconut_sequence(p, 3, 1) for p in held_p])
+    gen = torch.Generator().manual_seed(0)
+
+    def fake_thoughts(problems):
+        v1 = torch.tensor([p.values()[1] for p in problems])
+        signal = F.one_hot(v1, 16).float()
+        return torch.stack((signal + 0.15 * torch.randn(len(problems), 16, generator=gen),
+                            torch.randn(len(problems), 16, generator=gen)), dim=1)  # (N, 2 thoughts, 16)
+
+    fakes = {id(train): fake_thoughts(train_p), id(held): fake_thoughts(held_p)}
+    monkeypatch.setattr(th, "thought_states", lambda model, data: fakes[id(data)])
+    acc = th.probe_thoughts(None, train, train_p, held, held_p)
+    assert len(acc) == 2 and len(acc[0]) == 3
+    assert acc[0][0] > 0.95  # value 1 from thought 1
+    assert acc[0][1] < 0.3 and acc[0][2] < 0.3  # values 2 and 3 are not linear in value 1 alone
+    assert max(acc[1]) < 0.3  # noise carries nothing
+
+
 # --- The run ------------------------------------------------------------------------------------------------------
 
 
@@ -274,7 +334,8 @@ def test_tiny_end_to_end_run(tmp_path):
                        "--warmup_iters", "5", "--threads", "1", "--device", "cpu", "--out_dir", str(tmp_path)])
     saved = json.loads((tmp_path / "results.json").read_text())
     for key in ["accuracy_no_cot", "accuracy_cot", "accuracy_pause", "accuracy_coconut_c1", "accuracy_coconut_c2",
-                "tokens_per_answer_cot", "tokens_per_answer_coconut_c2", "seconds_cot", "seconds", "command"]:
+                "tokens_per_answer_cot", "tokens_per_answer_coconut_c2", "seconds_cot", "seconds", "command",
+                "accuracy_mod2_no_cot", "accuracy_mod5_coconut_c2"]:
         assert key in saved, key
     assert saved["accuracy_cot"] == results["accuracy_cot"]
     assert all(0 <= saved[k] <= 1 for k in saved if k.startswith("accuracy_"))
@@ -288,6 +349,9 @@ def test_tiny_end_to_end_run(tmp_path):
     cot = [r["train_loss"] for r in rows if r["run"] == "cot"]
     assert cot[-1] < cot[0]  # the loss fell
     assert len(saved["coconut_stages"]["c1"]) == 3  # stage 0 (the CoT model), 1, 2
+    for a in saved["thought_analysis"]:  # one LM-head matrix and one probe matrix (n_thoughts, n_steps) per stage
+        assert len(a["probe_accuracy"]) == len(a["digit_match"]) == a["stage"] * a["c"]
+        assert all(len(row) == 2 and all(0 <= x <= 1 for x in row) for row in a["probe_accuracy"])
     for name in ("accuracy.png", "loss.png", "thoughts.png"):
         assert (tmp_path / name).stat().st_size > 0
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
