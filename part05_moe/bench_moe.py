@@ -3,11 +3,16 @@
 MoE layers keep the active parameters of the dense model but add routing, sorting, gathers and one
 small matmul per expert instead of one big one: on a CPU that overhead is what this measures.
 Both wall time and the process's CPU time are reported; on a shared machine the CPU time is the
-steadier number (it does not count the time other programs hold the cores).
+steadier number (it does not count the time other programs hold the cores). The variants are timed
+interleaved (a few steps of each, round after round, the median kept), so a change in the machine's load
+hits all of them alike; `ratio` is a variant's step time over the dense model's: for a comparison at equal
+wall time, give the dense run round(ratio x the MoE's steps).
 
     python part05_moe/bench_moe.py                                  # block 64, batch 16, 1 thread
     python part05_moe/bench_moe.py --block_size 128 --batch_size 8 --threads 2
+    python part05_moe/bench_moe.py --block_size 128 --batch_size 8 --only 'dense (,(default)' --moe n_expert=16
 """
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,22 +44,38 @@ class BenchConfig:
     n_head: int = 4
     n_kv_head: int = 2
     n_embd: int = 128
-    steps: int = field(default=10, metadata={"help": "timed steps per variant (after 3 warm-up steps)"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout of every variant (it costs time too)", "min": 0})
+    only: str = field(default="", metadata={"help": "comma-separated parts of variant names to keep, e.g. "
+                                                    "'dense (,(default)'; empty = all"})
+    moe: str = field(default="", metadata={"help": "one more variant: the default MoE with these GPTConfig changes, "
+                                                   "e.g. n_expert=4,moe_top_k=2 (empty: none)"})
+    steps: int = field(default=1, metadata={"help": "timed steps per variant and round", "min": 1})
+    rounds: int = field(default=20, metadata={"help": "interleaved rounds; each variant's median round counts",
+                                             "min": 1})
     threads: int = field(default=1, metadata={"help": "torch CPU threads"})
     seed: int = 0
 
 
-def time_step(model: GPT, x: torch.Tensor, steps: int) -> tuple[float, float]:
-    """Seconds per training step, (wall, CPU of this process), after 3 warm-up steps."""
-    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99))
-    for i in range(3 + steps):
-        if i == 3:
-            wall, cpu = time.perf_counter(), time.process_time()
-        _, loss = model(x, x)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
+def parse_changes(spec: str) -> dict:
+    """'n_expert=4,expert_hidden=none' -> {'n_expert': 4, 'expert_hidden': None}, typed like GPTConfig's defaults."""
+    changes = {}
+    for item in filter(None, spec.split(",")):
+        key, value = item.split("=")
+        default = GPTConfig.__dataclass_fields__[key].default
+        if value.lower() == "none":
+            changes[key] = None
+        elif isinstance(default, bool):
+            changes[key] = value.lower() in ("1", "true", "yes")
+        else:
+            changes[key] = float(value) if isinstance(default, float) or "." in value else int(value)
+    return changes
+
+
+def training_step(model: GPT, optimizer, x: torch.Tensor):
+    _, loss = model(x, x)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def main(argv=None) -> dict:
@@ -63,15 +84,36 @@ def main(argv=None) -> dict:
     torch.manual_seed(cfg.seed)
     x = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.block_size))
     base = dict(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd)
-    print(f"{'variant':44s} {'params':>10s} {'active':>10s} {'wall ms':>8s} {'CPU ms':>7s} {'tokens/s':>9s}")
+                n_kv_head=cfg.n_kv_head, n_embd=cfg.n_embd, dropout=cfg.dropout)
+    variants = {name: changes for name, changes in VARIANTS.items()
+                if not cfg.only or any(part in name for part in cfg.only.split(","))}
+    if cfg.moe:
+        variants[f"MoE --moe {cfg.moe}"] = {**VARIANTS["MoE 8 x 168, top-2 (default)"], **parse_changes(cfg.moe)}
+    runs = {}
+    for name, changes in variants.items():
+        model = GPT(GPTConfig(**base, **changes)).train()
+        optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99))
+        for _ in range(3):  # warm-up: allocations, the first pass through every kernel
+            training_step(model, optimizer, x)
+        runs[name] = dict(model=model, optimizer=optimizer, wall=[], cpu=[])
+    for _ in range(cfg.rounds):  # interleaved: a few steps of each variant per round
+        for run in runs.values():
+            wall, cpu = time.perf_counter(), time.process_time()
+            for _ in range(cfg.steps):
+                training_step(run["model"], run["optimizer"], x)
+            run["wall"].append((time.perf_counter() - wall) / cfg.steps)
+            run["cpu"].append((time.process_time() - cpu) / cfg.steps)
     results = {}
-    for name, changes in VARIANTS.items():
-        model = GPT(GPTConfig(**base, **changes))
-        wall, cpu = time_step(model, x, cfg.steps)
-        results[name] = dict(params=model.num_params(), active=model.num_active_params(), wall=wall, cpu=cpu)
+    first = statistics.median(next(iter(runs.values()))["cpu"])  # ratios relative to the first variant (dense)
+    print(f"{'variant':44s} {'params':>10s} {'active':>10s} {'wall ms':>8s} {'CPU ms':>7s} {'ratio':>6s} "
+          f"{'tokens/s':>9s}   (medians of {cfg.rounds} interleaved rounds of {cfg.steps} steps; ratio: CPU time "
+          f"over the first row's)")
+    for name, run in runs.items():
+        model, wall, cpu = run["model"], statistics.median(run["wall"]), statistics.median(run["cpu"])
+        results[name] = dict(params=model.num_params(), active=model.num_active_params(), wall=wall, cpu=cpu,
+                             ratio=cpu / first)
         print(f"{name:44s} {model.num_params():>10,} {model.num_active_params():>10,} {1000 * wall:>8.0f} "
-              f"{1000 * cpu:>7.0f} {x.numel() / wall:>9,.0f}", flush=True)
+              f"{1000 * cpu:>7.0f} {cpu / first:>6.3f} {x.numel() / wall:>9,.0f}", flush=True)
     return results
 
 
