@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from part05_moe import generate, train
+from part05_moe import eval_full_val, generate, train
 from part05_moe.model import GPT, MLP, GPTConfig, MoE, is_moe_layer, load_balancing_loss, router_z_loss
 from shared.metrics import read_metrics
 from tests.texts import write_verse
@@ -260,6 +260,27 @@ def test_moe_training_learns_and_logs_router_statistics_and_the_utilization_plot
     assert (run / "expert_utilization.png").stat().st_size > 0 and (run / "loss.png").stat().st_size > 0
     result = generate.main(["--out_dir", str(run), "--start", "ROMEO:", "--max_new_tokens", "10", "--device", "cpu"])
     assert result["text"].startswith("ROMEO:")
+
+
+def test_eval_full_val_scores_every_validation_window_once(tmp_path):
+    train.main(tiny_run_flags(tmp_path, "--max_iters", "10"))
+    run = tmp_path / "run"
+    [row] = eval_full_val.main(["--run_dirs", str(run), "--batch_size", "3"])
+    # the reference: every window on its own, the loss written out as -log softmax at the target
+    model, tokenizer, checkpoint = generate.load_run(run)
+    _, val = train.train_val_split(train.encode_tensor(tokenizer, train.load_text(checkpoint["train_config"]["data"])))
+    n_windows = (len(val) - 1) // 16
+    nll = []
+    with torch.no_grad():
+        for w in range(n_windows):
+            x = val[w * 16 : (w + 1) * 16].long()[None]
+            y = val[w * 16 + 1 : (w + 1) * 16 + 1].long()
+            logits, _ = model(x, y[None])
+            nll.append(-F.log_softmax(logits[0], dim=-1)[torch.arange(16), y])
+    assert n_windows >= 3 and row["val_tokens"] == n_windows * 16
+    assert row["full_val_loss"] == pytest.approx(torch.cat(nll).mean().item(), rel=1e-5)
+    assert row["train_slice_loss"] < math.log(320) and row["iter"] == 10
+    assert (run / "full_val.json").is_file()
 
 
 def test_dense_run_writes_no_router_statistics(tmp_path):
