@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 from part10_semantic.model import GPT, IGNORE_INDEX, GPTConfig
 from shared.checkpoint import atomic_save, check_fresh_run_dir, lock_run_dir
-from shared.config import check_bounds, parse_config, run_cli
+from shared.config import check_bounds, parse_config, parse_int_list, run_cli
 from shared.device import pick_device
 from shared.metrics import MetricsLogger
 
@@ -103,19 +103,9 @@ class ThoughtsConfig:
     out_dir: str = "runs/part10_semantic/thoughts"
 
 
-def parse_thoughts_per_step(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--thoughts_per_step must be comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise ValueError(f"--thoughts_per_step must list integers >= 1, got {text!r}")
-    return values
-
-
 def check_config(cfg: ThoughtsConfig) -> None:
     check_bounds(cfg)
-    parse_thoughts_per_step(cfg.thoughts_per_step)
+    parse_int_list(cfg.thoughts_per_step, "thoughts_per_step")
     if cfg.n_embd % cfg.n_head:
         raise ValueError(f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
 
@@ -556,7 +546,7 @@ def run(cfg: ThoughtsConfig, argv: list[str] | None = None) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
-    cs = parse_thoughts_per_step(cfg.thoughts_per_step)
+    cs = parse_int_list(cfg.thoughts_per_step, "thoughts_per_step")
     n_pause = cfg.pause_tokens or cfg.n_steps * max(cs)
     out_dir = Path(cfg.out_dir)
     run_lock = lock_run_dir(out_dir)  # noqa: F841  (held until the process ends: one run per out_dir)
