@@ -322,9 +322,10 @@ def test_help_lists_the_moe_flags(capsys):
 def test_bench_times_every_variant():
     from part05_moe import bench_moe
 
-    results = bench_moe.main(["--steps", "1", "--block_size", "8", "--batch_size", "2", "--vocab_size", "64",
-                              "--n_embd", "32", "--n_layer", "2"])
+    results = bench_moe.main(["--steps", "1", "--rounds", "2", "--block_size", "8", "--batch_size", "2",
+                              "--vocab_size", "64", "--n_embd", "32", "--n_layer", "2"])
     assert set(results) == set(bench_moe.VARIANTS)
     dense = results["dense (--n_expert 0)"]
     assert dense["params"] == dense["active"] and all(r["wall"] > 0 and r["cpu"] > 0 for r in results.values())
+    assert dense["ratio"] == 1.0 and all(r["ratio"] == pytest.approx(r["cpu"] / dense["cpu"]) for r in results.values())
     assert all(r["active"] < r["params"] for name, r in results.items() if name != "dense (--n_expert 0)")
