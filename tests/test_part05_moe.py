@@ -329,3 +329,15 @@ def test_bench_times_every_variant():
     assert dense["params"] == dense["active"] and all(r["wall"] > 0 and r["cpu"] > 0 for r in results.values())
     assert dense["ratio"] == 1.0 and all(r["ratio"] == pytest.approx(r["cpu"] / dense["cpu"]) for r in results.values())
     assert all(r["active"] < r["params"] for name, r in results.items() if name != "dense (--n_expert 0)")
+
+
+def test_bench_generate_times_the_moe_the_dense_model_and_part2(tmp_path):
+    from part05_moe import bench_generate
+
+    models = bench_generate.build_models(seed=0)
+    # the train.py defaults, as the README counts them: 2,528,384 (MoE), 976,000 (dense), part 2: 834,304
+    assert [sum(p.numel() for p in m.parameters()) for m in models.values()] == [2_528_384, 976_000, 834_304]
+    results = bench_generate.main(["--new_tokens", "3,5", "--rounds", "1", "--warmup", "0", "--out_dir", str(tmp_path)])
+    assert set(results["tokens_per_sec"]) == set(models)
+    assert all(set(rates) == {"3", "5"} and min(rates.values()) > 0 for rates in results["tokens_per_sec"].values())
+    assert (tmp_path / "bench_generate.json").is_file()
