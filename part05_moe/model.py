@@ -407,7 +407,10 @@ class MoE(nn.Module):
         # index_add_ sums the weighted outputs of a token's top_k experts into its row. (One gather and one
         # scatter for the whole layer instead of one per expert: 12% fewer ops, ~3% of the MoE step.)
         x_sorted = x[token_of]  # (assignments, C)
-        out = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, x_sorted.split(counts.tolist()))])
+        # An expert nobody chose is skipped (in one-token decoding that is all but top_k of them); the chunks
+        # are in sorted order, so the outputs of the others still line up with token_of.
+        outs = [expert(chunk) for expert, chunk in zip(self.experts, x_sorted.split(counts.tolist())) if len(chunk)]
+        out = torch.cat(outs) if outs else x_sorted  # if capacity dropped every assignment: (0, C)
         y = torch.zeros_like(x).index_add_(0, token_of, (out * weight_of[:, None]).to(x.dtype))
         if self.shared is not None:
             y = y + self.shared(x)
