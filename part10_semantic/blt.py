@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 from part10_semantic.model import GPT, Block, GPTConfig, RMSNorm, attention_mask, rope_angles
 from shared.checkpoint import atomic_save, check_fresh_run_dir, lock_run_dir
-from shared.config import check_bounds, parse_config, parse_int_list, run_cli
+from shared.config import check_bounds, check_rope_heads, parse_config, parse_int_list, run_cli
 from shared.data import load_text, train_val_split
 from shared.device import pick_device
 from shared.metrics import MetricsLogger
@@ -139,10 +139,7 @@ def check_config(cfg: BLTConfig) -> None:
     parse_variants(cfg.variants)
     parse_ngram_sizes(cfg.ngram_sizes)
     for prefix in ("entropy_", "local_", "global_", "baseline_"):
-        d, h = getattr(cfg, prefix + "n_embd"), getattr(cfg, prefix + "n_head")
-        if d % h or (d // h) % 2:
-            raise ValueError(f"--{prefix}n_embd {d} must be divisible by --{prefix}n_head {h} into an even head "
-                             "size (RoPE rotates channel pairs)")
+        check_rope_heads(getattr(cfg, prefix + "n_embd"), getattr(cfg, prefix + "n_head"), prefix)
     if cfg.global_n_embd % cfg.local_n_embd:
         raise ValueError(f"--global_n_embd {cfg.global_n_embd} must be a multiple of --local_n_embd "
                          f"{cfg.local_n_embd}: a patch is global_n_embd / local_n_embd query vectors")

@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 from part10_semantic.model import IGNORE_INDEX, GPT, Block, GPTConfig, make_norm, rope_angles
 from shared.checkpoint import atomic_save, check_fresh_run_dir, lock_run_dir
-from shared.config import parse_config, run_cli
+from shared.config import check_rope_heads, parse_config, run_cli
 from shared.corpus import iter_speeches
 from shared.device import pick_device
 from shared.metrics import MetricsLogger
@@ -495,10 +495,7 @@ def parse_noise_levels(text: str) -> list[float]:
 
 def check_config(cfg: ConceptsConfig) -> None:
     parse_noise_levels(cfg.noise_levels)
-    if cfg.n_embd % cfg.n_head:
-        raise ValueError(f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
-    if (cfg.n_embd // cfg.n_head) % 2:
-        raise ValueError(f"--n_embd / --n_head = {cfg.n_embd // cfg.n_head} must be even (RoPE rotates pairs)")
+    check_rope_heads(cfg.n_embd, cfg.n_head)
 
 
 def lr_at(step: int, cfg: ConceptsConfig) -> float:

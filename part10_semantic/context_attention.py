@@ -49,7 +49,7 @@ from part03_modern.tokenizer import VOCAB_SIZE, encode_tensor
 from part03_modern.train import get_batch
 from part10_semantic.model import GPT, GPTConfig
 from shared.checkpoint import atomic_save, check_fresh_run_dir, lock_run_dir
-from shared.config import parse_config, run_cli
+from shared.config import check_rope_heads, parse_config, run_cli
 from shared.data import format_speech, iter_speeches, load_text, train_val_split
 from shared.device import pick_device, synchronize
 
@@ -113,10 +113,7 @@ def parse_variants(text: str) -> list[str]:
 
 def check_config(cfg: ContextAttentionConfig) -> None:
     parse_variants(cfg.variants)
-    if cfg.n_embd % cfg.n_head:
-        raise ValueError(f"--n_embd {cfg.n_embd} must be divisible by --n_head {cfg.n_head}")
-    if (cfg.n_embd // cfg.n_head) % 2:
-        raise ValueError(f"the head size n_embd / n_head = {cfg.n_embd // cfg.n_head} must be even (RoPE)")
+    check_rope_heads(cfg.n_embd, cfg.n_head)
     if cfg.n_kv_head is not None and cfg.n_head % cfg.n_kv_head:
         raise ValueError(f"--n_head {cfg.n_head} must be a multiple of --n_kv_head {cfg.n_kv_head}")
 

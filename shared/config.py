@@ -110,6 +110,13 @@ def parse_int_list(text: str, flag: str, minimum: int = 1, what: str = "integers
     return values
 
 
+def check_rope_heads(n_embd: int, n_head: int, prefix: str = "") -> None:
+    """--{prefix}n_embd must split into --{prefix}n_head heads of an even size: RoPE rotates channel pairs."""
+    if n_embd % n_head or (n_embd // n_head) % 2:
+        raise ValueError(f"--{prefix}n_embd {n_embd} must be divisible by --{prefix}n_head {n_head} into an even "
+                         "head size (RoPE rotates channel pairs)")
+
+
 def run_cli(main, argv: list[str] | None = None):
     """Call main(argv); an expected error prints "error: <message>" to stderr and exits with status 1."""
     try:

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from shared.config import build_parser, parse_config, parse_int_list
+from shared.config import build_parser, check_rope_heads, parse_config, parse_int_list
 from shared.device import autocast, pick_device, supports_dtype
 from shared.diff import chapter_diff
 from shared.metrics import MetricsLogger, _log_ticks, _smooth, plot_loss, read_metrics, read_steps
@@ -55,6 +55,14 @@ def test_parse_int_list_reads_comma_separated_values_and_names_the_flag_when_wro
         parse_int_list("300,256", "vocab_sizes", minimum=257, what="vocabulary sizes", why=" (256 bytes)")
     with pytest.raises(ValueError, match="must list integers >= 1"):
         parse_int_list(" , ", "sizes")  # nothing in it, and it may not be empty
+
+
+def test_check_rope_heads_wants_an_even_head_size():
+    check_rope_heads(128, 4)  # head size 32
+    with pytest.raises(ValueError, match=r"^--local_n_embd 30 must be divisible by --local_n_head 4"):
+        check_rope_heads(30, 4, "local_")  # 30 / 4 is no whole number
+    with pytest.raises(ValueError, match="even head size"):
+        check_rope_heads(60, 4)  # head size 15: RoPE cannot pair the channels
 
 
 def test_metrics_logger_writes_jsonl_and_plot(tmp_path):
