@@ -76,6 +76,19 @@ def test_vectorised_dispatch_equals_the_token_by_token_definition(top_k):
         torch.testing.assert_close(moe(x), reference_moe(moe, x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("changes", [dict(moe_top_k=1), dict(moe_top_k=2), dict(moe_top_k=3),
+                                     dict(n_shared_expert=1, eval_capacity_factor=0.5)])
+def test_one_token_decoding_path_equals_the_token_by_token_definition(changes):
+    """Batch 1, one token, eval mode (cached decoding) takes forward_one_token: no sort, no count, no capacity."""
+    moe = moe_layer(**changes).eval()
+    for seed in range(8):  # 8 tokens: their routers pick different experts
+        x = tokens_in(seed, shape=(1, 1, 32))
+        want = reference_moe(moe, x) + (moe.shared(x) if moe.shared is not None else 0)
+        with torch.no_grad():
+            torch.testing.assert_close(moe(x), want, rtol=1e-5, atol=1e-6)
+        assert moe.expert_fraction is None and moe.aux_loss is None and moe.drop_rate == 0.0  # no statistics kept
+
+
 def test_top_k_picks_the_highest_scoring_experts_and_renormalises_their_weights():
     moe = moe_layer(n_expert=4, moe_top_k=2)
     with torch.no_grad():
