@@ -2,11 +2,17 @@
 (StreamingLLM) evaluation, on a tiny random checkpoint written in train.py's format."""
 import json
 import math
+import pickle
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from part03_modern import bench_generate, eval_long_context, train
+from part02_tiny_llm import train as part2_train
+from part02_tiny_llm.model import GPT as Part2GPT
+from part02_tiny_llm.model import GPTConfig as Part2Config
+from part03_modern import bench_generate, eval_full_val, eval_long_context, train
 from part03_modern.eval_long_context import position_losses, recompute_losses, with_attention
 from part03_modern.model import GPT, GPTConfig
 
@@ -19,7 +25,7 @@ def run_dir(tmp_path_factory):
     """A folder with an untrained tiny model saved as train.py saves it, and a small text file."""
     out_dir = tmp_path_factory.mktemp("part03_run")
     torch.manual_seed(0)
-    train.save_checkpoint(out_dir / "ckpt.pt", GPT(GPTConfig(**TINY_MODEL)))
+    train.save_checkpoint(out_dir / "ckpt.pt", GPT(GPTConfig(**TINY_MODEL)), iter_num=0)
     (out_dir / "text.txt").write_text(TEXT)
     return out_dir
 
@@ -128,3 +134,80 @@ def test_scripts_have_help(script, capsys):
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--help"])
     assert exit_info.value.code == 0 and "--out_dir" in capsys.readouterr().out
+
+
+# --- eval_full_val.py ------------------------------------------------------------------------------
+
+
+def reference_full_loss(model, data: bytes, block_size: int) -> float:
+    """Every non-overlapping window on its own, the loss written out as -log softmax at the next byte."""
+    ids = torch.tensor(list(data))
+    nll = []
+    with torch.no_grad():
+        for w in range((len(ids) - 1) // block_size):
+            x = ids[w * block_size : (w + 1) * block_size]
+            y = ids[w * block_size + 1 : (w + 1) * block_size + 1]
+            logits, _ = model(x[None], y[None])
+            nll.append(-torch.log_softmax(logits[0], dim=-1)[torch.arange(block_size), y])
+    return torch.cat(nll).mean().item()
+
+
+@pytest.fixture(scope="module")
+def part2_run_dir(tmp_path_factory):
+    """An untrained tiny part 2 model saved as part 2's train.py saves it."""
+    out_dir = tmp_path_factory.mktemp("part02_run")
+    torch.manual_seed(1)
+    part2 = Part2GPT(Part2Config(block_size=16, n_layer=2, n_head=2, n_embd=32))
+    part2_train.save_checkpoint(out_dir / "ckpt.pt", part2, iter_num=3)
+    return out_dir
+
+
+def test_eval_full_val_scores_part2_and_part3_runs_on_every_validation_window(run_dir, part2_run_dir):
+    text = run_dir / "text.txt"
+    rows = eval_full_val.main(["--run_dirs", f"{part2_run_dir},{run_dir}", "--data", str(text), "--batch_size", "5"])
+    val = TEXT.encode()[len(TEXT) - round(len(TEXT) * 0.1):]  # the last 10%, as train.py splits
+    for row, model in zip(rows, [eval_full_val.load_run(part2_run_dir)[0], eval_full_val.load_run(run_dir)[0]]):
+        assert row["val_tokens"] == (len(val) - 1) // 16 * 16
+        assert row["full_val_loss"] == pytest.approx(reference_full_loss(model, val, 16), rel=1e-5)
+        assert json.loads((Path(row["run"]) / "full_val.json").read_text())["full_val_loss"] == row["full_val_loss"]
+    assert isinstance(eval_full_val.load_run(part2_run_dir)[0], Part2GPT)
+    assert isinstance(eval_full_val.load_run(run_dir)[0], GPT)
+
+
+def test_nanogpt_data_and_checkpoints_round_trip(run_dir, part2_run_dir, tmp_path):
+    """The corpus in nanoGPT's format is our split, byte for byte; a checkpoint in nanoGPT's format (here part
+    2's GPT under a fake nanoGPT model.py, saved by a compiled model) scores as the model itself does."""
+    text = run_dir / "text.txt"
+    eval_full_val.main(["--data", str(text), "--write_nanogpt_data", str(tmp_path / "data")])
+    n_val = round(len(TEXT) * 0.1)
+    assert np.fromfile(tmp_path / "data" / "train.bin", dtype=np.uint16).tobytes() == \
+        np.frombuffer(TEXT.encode()[:-n_val], dtype=np.uint8).astype(np.uint16).tobytes()
+    assert bytes(np.fromfile(tmp_path / "data" / "val.bin", dtype=np.uint16).astype(np.uint8)) == TEXT.encode()[-n_val:]
+    with open(tmp_path / "data" / "meta.pkl", "rb") as f:
+        meta = pickle.load(f)
+    assert meta["vocab_size"] == 256 and meta["itos"][ord("A")] == "A" and meta["stoi"]["\n"] == 10
+
+    nanogpt_dir = tmp_path / "nanoGPT"
+    nanogpt_dir.mkdir()
+    (nanogpt_dir / "model.py").write_text("from part02_tiny_llm.model import GPT, GPTConfig\n")
+    model = eval_full_val.load_run(part2_run_dir)[0]
+    model_args = dict(block_size=16, n_layer=2, n_head=2, n_embd=32, vocab_size=256, bias=True, dropout=0.0)
+    torch.save({"model": {"_orig_mod." + k: v for k, v in model.state_dict().items()}, "model_args": model_args,
+                "iter_num": 7}, tmp_path / "ckpt.pt")
+    [row] = eval_full_val.main(["--run_dirs", "", "--data", str(text), "--nanogpt_dir", str(nanogpt_dir),
+                                "--nanogpt_ckpt", str(tmp_path / "ckpt.pt")])
+    val = TEXT.encode()[-n_val:]
+    assert row["iter"] == 7 and row["full_val_loss"] == pytest.approx(reference_full_loss(model, val, 16), rel=1e-5)
+
+
+def test_eval_full_val_bad_inputs_get_clear_messages(tmp_path, run_dir, capsys):
+    with pytest.raises(FileNotFoundError, match="train one first"):
+        eval_full_val.main(["--run_dirs", str(tmp_path / "nothing_here"), "--data", str(run_dir / "text.txt")])
+    with pytest.raises(ValueError, match="go together"):
+        eval_full_val.main(["--data", str(run_dir / "text.txt"), "--nanogpt_dir", str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="model.py"):
+        eval_full_val.main(["--run_dirs", "", "--data", str(run_dir / "text.txt"), "--nanogpt_dir", str(tmp_path),
+                            "--nanogpt_ckpt", str(tmp_path / "ckpt.pt")])
+    with pytest.raises(SystemExit) as exit_info:
+        eval_full_val.main(["--help"])
+    assert exit_info.value.code == 0 and "--nanogpt_ckpt" in capsys.readouterr().out
