@@ -8,6 +8,7 @@ where to look for the next speed-up.
 
     python part03_modern/bench_train_step.py                    # the two train.py defaults
     python part03_modern/bench_train_step.py --reference_ops    # part 3 with the written-out RMSNorm, RoPE, GQA
+    python part03_modern/bench_train_step.py --norm layernorm   # part 3 with LayerNorm: what F.rms_norm costs
     python part03_modern/bench_train_step.py --n_layer 6 --n_embd 192 --block_size 256 --profile_rows 0
 """
 import statistics
@@ -39,6 +40,8 @@ class BenchConfig:
     batch_size: int = field(default=12, metadata={"min": 1})
     vocab_size: int = field(default=256, metadata={"min": 1})
     learning_rate: float = 2e-3
+    norm: str = field(default="rmsnorm", metadata={"choices": ["rmsnorm", "layernorm"],
+                                                   "help": "part 3's norm (layernorm: one fused kernel on the CPU)"})
     reference_ops: bool = field(default=False, metadata={
         "help": "part 3 with its written-out RMSNorm, RoPE and GQA head repeat instead of the fused ops"})
     rounds: int = field(default=7, metadata={"help": "alternations between the two models; we report the median",
@@ -66,7 +69,8 @@ def build_models(cfg: BenchConfig, device: str) -> dict:
                  n_embd=cfg.n_embd, dropout=0.0)
     torch.manual_seed(cfg.seed)
     part2 = Part2GPT(Part2Config(**shape, bias=True)).to(device)
-    part3 = GPT(GPTConfig(**shape, bias=False, n_kv_head=cfg.n_kv_head, reference_ops=cfg.reference_ops)).to(device)
+    part3 = GPT(GPTConfig(**shape, bias=False, n_kv_head=cfg.n_kv_head, norm=cfg.norm,
+                          reference_ops=cfg.reference_ops)).to(device)
     return {"part02": part2, "part03": part3}
 
 
@@ -92,7 +96,7 @@ def main(argv=None) -> dict:
 
     ops = "written-out (reference_ops)" if cfg.reference_ops else "fused"
     print(f"batch {cfg.batch_size} x {cfg.block_size} tokens | n_layer {cfg.n_layer}, n_head {cfg.n_head}, "
-          f"n_embd {cfg.n_embd} | part03: n_kv_head {cfg.n_kv_head}, {ops} ops | device {device} | "
+          f"n_embd {cfg.n_embd} | part03: n_kv_head {cfg.n_kv_head}, {cfg.norm}, {ops} ops | device {device} | "
           f"threads {torch.get_num_threads()}")
     for name, model in models.items():
         print(f"{name}: {model.num_params():,} parameters; {cfg.warmup} warm-up steps took "

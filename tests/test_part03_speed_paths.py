@@ -150,6 +150,15 @@ def test_bench_train_step_times_both_models_and_profiles_them(reference_ops, cap
     assert ("written-out" in out) == reference_ops
 
 
+def test_bench_train_step_norm_flag_swaps_part3s_norms_only():
+    from part03_modern.model import LayerNorm, RMSNorm
+    cfg = bench_train_step.parse_config(bench_train_step.BenchConfig, ["--norm", "layernorm", "--n_layer", "1"])
+    models = bench_train_step.build_models(cfg, "cpu")
+    part3_norms = [type(m) for m in models["part03"].modules() if isinstance(m, (LayerNorm, RMSNorm))]
+    assert part3_norms == [LayerNorm] * 3  # two per block and the final one
+    assert not any(isinstance(m, RMSNorm) for m in models["part02"].modules())
+
+
 def test_bench_train_step_has_help_and_refuses_a_bad_shape(capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench_train_step.main(["--help"])
