@@ -10,8 +10,8 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from part03_modern import bench_train_step
-from part03_modern.model import (GPT, GPTConfig, MultiHeadAttention, RMSNorm, apply_rope, apply_rope_complex,
-                                 rope_angles)
+from part03_modern.model import (GPT, GPTConfig, LayerNorm, MultiHeadAttention, RMSNorm, apply_rope,
+                                 apply_rope_complex, rope_angles)
 from tests.test_part03_modern import reference_forward
 
 CHAPTERS = ["part03_modern", "part04_scaling", "part05_moe"]
@@ -151,7 +151,6 @@ def test_bench_train_step_times_both_models_and_profiles_them(reference_ops, cap
 
 
 def test_bench_train_step_norm_flag_swaps_part3s_norms_only():
-    from part03_modern.model import LayerNorm, RMSNorm
     cfg = bench_train_step.parse_config(bench_train_step.BenchConfig, ["--norm", "layernorm", "--n_layer", "1"])
     models = bench_train_step.build_models(cfg, "cpu")
     part3_norms = [type(m) for m in models["part03"].modules() if isinstance(m, (LayerNorm, RMSNorm))]
