@@ -115,13 +115,11 @@ def main(argv=None) -> list[dict]:
         return []
     if (cfg.nanogpt_dir is None) != (cfg.nanogpt_ckpt is None):
         raise ValueError("--nanogpt_dir and --nanogpt_ckpt go together")
-    runs = [(Path(d.strip()), load_run) for d in cfg.run_dirs.split(",") if d.strip()]
-    if cfg.nanogpt_ckpt:
-        runs.append((Path(cfg.nanogpt_ckpt).parent, lambda _: load_nanogpt(Path(cfg.nanogpt_dir),
-                                                                           Path(cfg.nanogpt_ckpt))))
+    runs = [(Path(d.strip()), *load_run(Path(d.strip()))) for d in cfg.run_dirs.split(",") if d.strip()]
+    if cfg.nanogpt_ckpt:  # its results go next to its checkpoint
+        runs.append((Path(cfg.nanogpt_ckpt).parent, *load_nanogpt(Path(cfg.nanogpt_dir), Path(cfg.nanogpt_ckpt))))
     rows = []
-    for run_dir, load in runs:
-        model, iter_num = load(run_dir)
+    for run_dir, model, iter_num in runs:
         block_size = model.config.block_size
         row = dict(run=str(run_dir), iter=iter_num, params=sum(p.numel() for p in model.parameters()),
                    full_val_loss=windows_loss(model, val_data, block_size, cfg.batch_size),
