@@ -218,24 +218,35 @@ class KVCache:
 
         Returns what the new queries attend over: the buffer as it was plus the new entries, keys and values
         (B, n_kv_head, capacity + T, head_size) and their positions (capacity + T,). We attend first and
-        evict after, so a long prompt's early tokens still see their neighbours.
+        evict after, so a long prompt's early tokens still see their neighbours. One new token (decoding)
+        is stored first and attends over the buffer itself, (B, n_kv_head, capacity, head_size): no copy.
         """
         T = pos.numel()
         if self.window is None and self.seen + T > self.capacity:
             raise ValueError(f"the cache holds {self.capacity} positions and has no window to forget old ones")
+        if T == 1:
+            # Decoding. The entry the new token overwrites is capacity - n_sink >= window positions back, where
+            # the window no longer sees it, so storing first changes nothing the query sees, and it saves
+            # copying the whole buffer every token (the concatenations below).
+            self.store(k[:, :, 0], v[:, :, 0], self.seen)
+            self.seen += 1
+            return self.k, self.v, self.slot_pos
         keys, values = torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2)
         key_pos = torch.cat((self.slot_pos, pos))
         # Evict: each new position p takes its slot, overwriting the oldest. Of a long prompt only the sinks and
         # the newest `ring` positions are left to store; the others would be overwritten within the prompt.
         ring = self.capacity - self.n_sink
         for i, p in enumerate(range(self.seen, self.seen + T)):
-            if p < self.n_sink:
-                self.k[:, :, p], self.v[:, :, p], self.slot_pos[p] = k[:, :, i], v[:, :, i], p
-            elif p >= self.seen + T - ring:
-                slot = self.n_sink + (p - self.n_sink) % ring
-                self.k[:, :, slot], self.v[:, :, slot], self.slot_pos[slot] = k[:, :, i], v[:, :, i], p
+            if p < self.n_sink or p >= self.seen + T - ring:
+                self.store(k[:, :, i], v[:, :, i], p)
         self.seen += T
         return keys, values, key_pos
+
+    def store(self, k: torch.Tensor, v: torch.Tensor, p: int):
+        """Put the key and value (B, n_kv_head, head_size) of position p in its slot: a sink keeps slot p, every
+        later position goes round the ring of the other capacity - n_sink slots."""
+        slot = p if p < self.n_sink else self.n_sink + (p - self.n_sink) % (self.capacity - self.n_sink)
+        self.k[:, :, slot], self.v[:, :, slot], self.slot_pos[slot] = k, v, p
 
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes

@@ -242,24 +242,35 @@ class KVCache:
 
         Returns what the new queries attend over: the buffer as it was plus the new entries, keys and values
         (B, n_kv_head, capacity + T, head_size) and their positions (capacity + T,). We attend first and
-        evict after, so a long prompt's early tokens still see their neighbours.
+        evict after, so a long prompt's early tokens still see their neighbours. One new token (decoding)
+        is stored first and attends over the buffer itself, (B, n_kv_head, capacity, head_size): no copy.
         """
         T = pos.numel()
         if self.window is None and self.seen + T > self.capacity:
             raise ValueError(f"the cache holds {self.capacity} positions and has no window to forget old ones")
+        if T == 1:
+            # Decoding. The entry the new token overwrites is capacity - n_sink >= window positions back, where
+            # the window no longer sees it, so storing first changes nothing the query sees, and it saves
+            # copying the whole buffer every token (the concatenations below).
+            self.store(k[:, :, 0], v[:, :, 0], self.seen)
+            self.seen += 1
+            return self.k, self.v, self.slot_pos
         keys, values = torch.cat((self.k, k), dim=2), torch.cat((self.v, v), dim=2)
         key_pos = torch.cat((self.slot_pos, pos))
         # Evict: each new position p takes its slot, overwriting the oldest. Of a long prompt only the sinks and
         # the newest `ring` positions are left to store; the others would be overwritten within the prompt.
         ring = self.capacity - self.n_sink
         for i, p in enumerate(range(self.seen, self.seen + T)):
-            if p < self.n_sink:
-                self.k[:, :, p], self.v[:, :, p], self.slot_pos[p] = k[:, :, i], v[:, :, i], p
-            elif p >= self.seen + T - ring:
-                slot = self.n_sink + (p - self.n_sink) % ring
-                self.k[:, :, slot], self.v[:, :, slot], self.slot_pos[slot] = k[:, :, i], v[:, :, i], p
+            if p < self.n_sink or p >= self.seen + T - ring:
+                self.store(k[:, :, i], v[:, :, i], p)
         self.seen += T
         return keys, values, key_pos
+
+    def store(self, k: torch.Tensor, v: torch.Tensor, p: int):
+        """Put the key and value (B, n_kv_head, head_size) of position p in its slot: a sink keeps slot p, every
+        later position goes round the ring of the other capacity - n_sink slots."""
+        slot = p if p < self.n_sink else self.n_sink + (p - self.n_sink) % (self.capacity - self.n_sink)
+        self.k[:, :, slot], self.v[:, :, slot], self.slot_pos[slot] = k, v, p
 
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
@@ -422,9 +433,11 @@ class MoE(nn.Module):
     def forward_one_token(self, x):
         """forward for one token (1, 1, C), as in cached decoding with batch 1: the same output without the
         bookkeeping. With one token there is nothing to sort, count or drop (no capacity is below 1), and no
-        loss or statistics to keep, so: route, then call its top_k experts directly. 25 PyTorch operations per
-        layer instead of the vectorised dispatch's 56: a one-token step pays per operation (bench_generate.py)."""
-        probs = F.softmax(self.router(x.view(1, -1)).float(), dim=-1)[0]  # (n_expert,)
+        loss or statistics to keep, so: route, then call its top_k experts directly. A one-token step pays per
+        operation, not per FLOP (bench_generate.py), so this path runs as few as it can: 24 PyTorch operations
+        per layer for top-2, where the vectorised dispatch runs 56 (and a dense MLP 6)."""
+        x = x.view(1, -1)  # (1, C): a 2-D input goes straight to one matmul, a 3-D one reshapes around it
+        probs = F.softmax(F.linear(x, self.router.weight).float(), dim=-1)[0]  # (n_expert,)
         weights, expert_index = probs.topk(self.top_k)  # (top_k,) each
         self.aux_loss = self.z_loss = self.expert_fraction = None
         self.drop_rate = 0.0
@@ -433,10 +446,14 @@ class MoE(nn.Module):
         total = sum(weight for _, weight in chosen) if self.top_k > 1 else 1.0  # top-k renormalised, as above
         y = torch.zeros_like(x)
         for expert, weight in chosen:
-            y.add_(self.experts[expert](x), alpha=weight / total)  # y += weight * expert(x), in one op
+            # expert(x), MLP.forward in eval mode, with F.linear on the weights: each nn.Module call costs as
+            # much as a small matmul here, and an expert is four of them (itself and its three Linears)
+            gate, up, proj = self.experts[expert].gate, self.experts[expert].up, self.experts[expert].proj
+            h = F.silu(F.linear(x, gate.weight, gate.bias)) * F.linear(x, up.weight, up.bias)
+            y.add_(F.linear(h, proj.weight, proj.bias), alpha=weight / total)  # y += weight * expert(x), one op
         if self.shared is not None:
             y = y + self.shared(x)
-        return y
+        return y.view(1, 1, -1)
 
 
 # NEW in part 3 (Zhang & Sennrich 2019, https://arxiv.org/abs/1910.07467)

@@ -77,7 +77,7 @@ def test_vectorised_dispatch_equals_the_token_by_token_definition(top_k):
 
 
 @pytest.mark.parametrize("changes", [dict(moe_top_k=1), dict(moe_top_k=2), dict(moe_top_k=3),
-                                     dict(n_shared_expert=1, eval_capacity_factor=0.5)])
+                                     dict(n_shared_expert=1, eval_capacity_factor=0.5), dict(bias=True)])
 def test_one_token_decoding_path_equals_the_token_by_token_definition(changes):
     """Batch 1, one token, eval mode (cached decoding) takes forward_one_token: no sort, no count, no capacity."""
     moe = moe_layer(**changes).eval()
