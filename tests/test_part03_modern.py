@@ -290,13 +290,14 @@ def test_a_too_small_cache_is_refused():
 def test_generate_uses_the_rolling_buffer_and_memory_stays_constant(monkeypatch):
     """Trap: a rolling buffer that exists but that generate never uses, so the cache grows without bound."""
     model = tiny_model(window_size=8, n_sink=2)
-    seen_sizes, buffers = [], set()
+    seen_sizes, buffers, attended_in_place = [], set(), []
     update = KVCache.update
 
     def spy(self, k, v, pos):
         keys, values, key_pos = update(self, k, v, pos)
         seen_sizes.append(self.k.shape[2])
         buffers.add(self.k.data_ptr())
+        attended_in_place.append(keys.data_ptr() == self.k.data_ptr() and values.data_ptr() == self.v.data_ptr())
         return keys, values, key_pos
 
     monkeypatch.setattr(KVCache, "update", spy)
@@ -305,6 +306,8 @@ def test_generate_uses_the_rolling_buffer_and_memory_stays_constant(monkeypatch)
     assert len(seen_sizes) == 300 * TINY.n_layer  # the prefill and then one call per new token, every layer
     assert set(seen_sizes) == {10}  # n_sink + window slots, from the first token to the 300th
     assert len(buffers) == TINY.n_layer  # written in place: one buffer per layer, never reallocated
+    # each decoded token attends over the buffer itself (no copy of it); only the prefill concatenates
+    assert attended_in_place == [False] * TINY.n_layer + [True] * (299 * TINY.n_layer)
 
 
 @pytest.mark.parametrize("window", [None, 7])
