@@ -226,8 +226,8 @@ class KVCache:
             raise ValueError(f"the cache holds {self.capacity} positions and has no window to forget old ones")
         if T == 1:
             # Decoding. The entry the new token overwrites is capacity - n_sink >= window positions back, where
-            # the window no longer sees it, so storing first changes nothing the query sees, and it saves
-            # copying the whole buffer every token (the concatenations below).
+            # the window no longer sees it (with no window nothing is overwritten: the check above refuses to wrap),
+            # so storing first changes nothing the query sees, and it saves copying the whole buffer every token.
             self.store(k[:, :, 0], v[:, :, 0], self.seen)
             self.seen += 1
             return self.k, self.v, self.slot_pos
