@@ -93,6 +93,7 @@ def rope_angles(positions: torch.Tensor, head_size: int, theta: float = 10000.0)
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each channel pair (x[..., 2i], x[..., 2i+1]) of x (..., T, head_size) by its angle.
+    cos and sin (T, head_size // 2) broadcast against x's pairs: (T, 1, head_size // 2) for x (B, T, heads, head_size).
 
     The pair as a complex number a + ib times e^(i*angle): (a cos - b sin) + i(a sin + b cos).
     """
@@ -174,14 +175,19 @@ class MultiHeadAttention(nn.Module):
         which keys each query may see; None = causal. kv_cache: one layer's cache (below) when generating;
         key_valid (B, T): which new tokens are real (not padding), remembered by the cache."""
         B, T, C = x.size()
-        q, k, v = self.qkv(x).split([self.n_head * self.head_size, self.n_kv_head * self.head_size,
-                                     self.n_kv_head * self.head_size], dim=2)
-        # split channels into heads: (B, T, heads * head_size) -> (B, heads, T, head_size)
-        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)
+        qk, v = self.qkv(x).split([(self.n_head + self.n_kv_head) * self.head_size,
+                                   self.n_kv_head * self.head_size], dim=2)
+        # split channels into heads: (B, T, heads * head_size) -> (B, T, heads, head_size)
+        qk = qk.view(B, T, self.n_head + self.n_kv_head, self.head_size)
+        v = v.view(B, T, self.n_kv_head, self.head_size)
+        # Positions enter here, and only here. q and k lie side by side in qkv's output, so one call rotates
+        # both, the angles (T, 1, head_size // 2) broadcast over the heads: half the small kernels of rotating
+        # q and k apart, the same outputs.
         rope = apply_rope if self.reference_ops else apply_rope_complex  # the same rotation either way
-        q, k = rope(q, cos, sin), rope(k, cos, sin)  # positions enter here, and only here
+        qk = rope(qk, cos[:, None], sin[:, None])
+        # (B, T, heads, head_size) -> (B, heads, T, head_size), the layout attention wants
+        q, k = qk.transpose(1, 2).split([self.n_head, self.n_kv_head], dim=1)
+        v = v.transpose(1, 2)
         # NEW in part 3: the KV cache (below). Store the new keys and values, attend over all the cached ones
         if kv_cache is not None:
             k, v, k_pos, k_valid = kv_cache.update(k, v, pos, key_valid)

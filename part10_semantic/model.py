@@ -270,8 +270,10 @@ class MultiHeadAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)
         k = k.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)
+        # Positions enter here, and only here. (Parts 3-9 rotate q and k in one call, side by side as qkv made them;
+        # here the context gates above have changed them apart, so each is rotated on its own.)
         rope = apply_rope if self.reference_ops else apply_rope_complex  # the same rotation either way
-        q, k = rope(q, cos, sin), rope(k, cos, sin)  # positions enter here, and only here
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
         return q, k, v
 
     def forward(self, x, pos, cos, sin, kv_cache=None, mask=None, key_valid=None):
