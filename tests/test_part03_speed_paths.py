@@ -3,6 +3,7 @@ precomputed RoPE table, one mask per forward) against the written-out versions t
 (GPTConfig(reference_ops=True)), in every chapter that carries the model forward; and the benchmark script."""
 import dataclasses
 import importlib
+import re
 
 import pytest
 import torch
@@ -140,13 +141,17 @@ def test_rope_table_is_precomputed_not_saved_and_the_forward_runs_past_it():
 
 @pytest.mark.parametrize("reference_ops", [False, True])
 def test_bench_train_step_times_both_models_and_profiles_them(reference_ops, capsys):
-    flags = ["--n_layer", "1", "--n_embd", "32", "--block_size", "16", "--batch_size", "2", "--rounds", "2",
+    flags = ["--n_layer", "1", "--n_embd", "32", "--block_size", "16", "--batch_size", "2", "--rounds", "3",
              "--steps", "1", "--warmup", "1", "--profile_steps", "1", "--profile_rows", "5", "--threads", "1"]
     results = bench_train_step.main(flags + (["--reference_ops"] if reference_ops else []))
     assert results["part02"] > 0 and results["part03"] > 0
     assert results["ratio"] == pytest.approx(results["part03"] / results["part02"])
     out = capsys.readouterr().out
     assert out.count("Self CPU") >= 2 and "part03 / part02 = " in out
+    # round_ratio: the median of the per-round ratios, recomputed from the printed rounds
+    rounds = re.findall(r"round \d+: part02 ([\d,]+) tok/s, part03 ([\d,]+) tok/s", out)
+    per_round = sorted(float(b.replace(",", "")) / float(a.replace(",", "")) for a, b in rounds)
+    assert len(per_round) == 3 and results["round_ratio"] == pytest.approx(per_round[1], rel=2e-3)
     assert ("written-out" in out) == reference_ops
 
 
