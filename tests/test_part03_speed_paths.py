@@ -15,7 +15,7 @@ from part03_modern.model import (GPT, GPTConfig, LayerNorm, MultiHeadAttention, 
                                  apply_rope_complex, rope_angles)
 from tests.test_part03_modern import reference_forward
 
-CHAPTERS = ["part03_modern", "part04_scaling", "part05_moe"]
+CHAPTERS = ["part03_modern", "part04_scaling", "part05_moe", "part06_sft", "part07_reward", "part08_ppo", "part09_grpo", "part10_semantic"]
 TINY = dict(block_size=16, vocab_size=61, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
 
 
@@ -126,8 +126,11 @@ def test_sdpa_gqa_equals_repeating_the_key_value_heads(n_kv_head):
     torch.testing.assert_close(fast(x, pos, cos, sin), reference(x, pos, cos, sin), rtol=1e-5, atol=1e-6)
 
 
-def test_rope_table_is_precomputed_not_saved_and_the_forward_runs_past_it():
-    model = GPT(GPTConfig(**TINY)).eval()
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_rope_table_is_precomputed_not_saved_and_the_forward_runs_past_it(chapter):
+    """Also checks each chapter's attention against reference_forward, which rotates q and k one at a time."""
+    module = importlib.import_module(f"{chapter}.model")
+    model = module.GPT(module.GPTConfig(**TINY)).eval()
     cos, sin = rope_angles(torch.arange(TINY["block_size"]), TINY["n_embd"] // TINY["n_head"])
     assert torch.equal(model.rope_cos, cos) and torch.equal(model.rope_sin, sin)
     assert not any(k.startswith("rope_") for k in model.state_dict())  # old checkpoints load strictly
