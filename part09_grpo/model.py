@@ -93,7 +93,8 @@ def rope_angles(positions: torch.Tensor, head_size: int, theta: float = 10000.0)
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each channel pair (x[..., 2i], x[..., 2i+1]) of x (..., T, head_size) by its angle.
-    cos and sin (T, head_size // 2) broadcast against x's pairs: (T, 1, head_size // 2) for x (B, T, heads, head_size).
+    cos and sin (T, head_size // 2) broadcast against x's pairs (..., head_size // 2): as they are for x (B, heads,
+    T, head_size), and as cos[:, None] (T, 1, head_size // 2) for x (B, T, heads, head_size), attention's use.
 
     The pair as a complex number a + ib times e^(i*angle): (a cos - b sin) + i(a sin + b cos).
     """

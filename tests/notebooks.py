@@ -45,7 +45,6 @@ def _shared_kernel() -> AsyncKernelManager:
     if _kernel is None or not run_sync(_kernel.is_alive)():
         _kernel = AsyncKernelManager(kernel_name="python3")  # the kind nbclient drives (its timeouts work)
         run_sync(_kernel.start_kernel)(cwd=str(ROOT), env={**os.environ, "NOTEBOOK_FAST": "1"})
-        atexit.register(_drop_kernel)
     return _kernel
 
 
@@ -55,6 +54,9 @@ def _drop_kernel() -> None:
     if _kernel is not None:
         run_sync(_kernel.shutdown_kernel)(now=True)
         _kernel = None
+
+
+atexit.register(_drop_kernel)  # the shared kernel ends with pytest
 
 
 def run_notebook(path: str | os.PathLike, timeout: int = 600) -> nbformat.NotebookNode:

@@ -15,7 +15,8 @@ from part03_modern.model import (GPT, GPTConfig, LayerNorm, MultiHeadAttention, 
                                  apply_rope_complex, rope_angles)
 from tests.test_part03_modern import reference_forward
 
-CHAPTERS = ["part03_modern", "part04_scaling", "part05_moe", "part06_sft", "part07_reward", "part08_ppo", "part09_grpo", "part10_semantic"]
+CHAPTERS = ["part03_modern", "part04_scaling", "part05_moe", "part06_sft", "part07_reward", "part08_ppo", "part09_grpo",
+            "part10_semantic"]  # every chapter that carries part 3's model forward
 TINY = dict(block_size=16, vocab_size=61, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
 
 
